@@ -1,0 +1,196 @@
+"""The interfaces every component implements: sources, sinks, adapters and gates.
+
+The pipeline talks to its parts only through these. Connectors (CSV files, Kafka, backtests)
+implement :class:`Source` and :class:`PredictionSink`; adaptation strategies (meta-adaptation,
+evolution) implement :class:`Adapter`; a :class:`Gate` decides whether a proposal goes live.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from neuralsync.learner import OnlineLearner
+
+__all__ = [
+    "Adapter",
+    "Batch",
+    "Gate",
+    "GateDecision",
+    "Prediction",
+    "PredictionSink",
+    "Proposal",
+    "RegimeChange",
+    "Source",
+]
+
+
+@dataclass
+class Batch:
+    """Consecutive rows of a stream, already parsed into numbers.
+
+    Parameters
+    ----------
+    columns
+        Names of the value columns, in order.
+    values
+        ``(n, len(columns))`` float64; NaN marks a missing cell.
+    timestamps
+        ``(n,)`` int64 nanoseconds since the epoch (datetimes) or float64 (plain numbers).
+    keys
+        ``(n,)`` series keys (e.g. symbols), or ``None`` for a single series.
+    origins
+        ``(n,)`` line numbers (or offsets) the rows came from, for error messages.
+    errors
+        Row index → (reason, raw text) for rows that could not be parsed; their ``values`` are
+        NaN and they are handed to the bad-record policy, not to the model.
+
+    """
+
+    columns: list[str]
+    values: np.ndarray
+    timestamps: np.ndarray
+    keys: np.ndarray | None = None
+    origins: np.ndarray | None = None
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)
+    source_name: str = "stream"
+    #: ``"datetime"`` when timestamps are nanoseconds since the epoch, else ``"number"``.
+    time_kind: str = "datetime"
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def origin(self, row: int, column: str | None = None) -> str:
+        where = self.source_name
+        if self.origins is not None:
+            where += f":{int(self.origins[row])}"
+        if column is not None:
+            where += f", column '{column}'"
+        return where
+
+
+class Source(abc.ABC):
+    """Yields a stream as :class:`Batch` es, in stream order, and can resume mid-stream."""
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Batch]:
+        """Yield the rows not yet consumed, in batches."""
+
+    @abc.abstractmethod
+    def seek(self, position: int) -> None:
+        """Skip the first ``position`` rows, so that iteration resumes after them."""
+
+    def total_rows(self) -> int | None:
+        """Rows in the whole stream when known in advance (for progress bars), else ``None``."""
+        return None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One forecast value once its truth is known (or at the end of the stream)."""
+
+    issued_at: str | float | None
+    timestamp: str | float | None
+    key: str | None
+    target: str
+    step: int
+    prediction: float
+    truth: float
+
+
+class PredictionSink(abc.ABC):
+    """Receives forecasts. Sinks that survive a restart report and restore their position."""
+
+    @abc.abstractmethod
+    def write(self, predictions: list[Prediction]) -> None: ...
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Make what was written durable (called before every checkpoint)."""
+
+    def position(self) -> int:
+        """An opaque position that :meth:`truncate` can return to (e.g. a byte offset)."""
+        return 0
+
+    def truncate(self, position: int) -> None:  # noqa: B027 - optional hook
+        """Drop what was written after ``position`` (on resume from a checkpoint)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files or connections."""
+
+
+@dataclass(frozen=True)
+class RegimeChange:
+    """A detected change of regime, as adapters receive it."""
+
+    position: int
+    stream_time: str | float | None
+    key: str | None
+    detector: str
+
+
+@dataclass
+class Proposal:
+    """A replacement for the live model, offered by an adapter to the gate."""
+
+    learner: OnlineLearner
+    source: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """The gate's verdict on a proposal, with the figures behind it."""
+
+    accepted: bool
+    reason: str
+    figures: dict[str, float]
+
+
+class Adapter(abc.ABC):
+    """Reacts to a regime change, and may propose a replacement for the live model.
+
+    ``support_x``/``support_y`` are recent labelled samples (oldest first, normalised) the
+    adapter may train on; the gate scores proposals on samples after them that it never saw.
+    """
+
+    name: str = "adapter"
+
+    @abc.abstractmethod
+    def on_regime_change(
+        self,
+        change: RegimeChange,
+        live: OnlineLearner,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+    ) -> Proposal | None:
+        """Return a proposal, or ``None`` to keep the live model."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the adapter learned, for the state snapshot (tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore :meth:`state_dict`."""
+
+
+class Gate(abc.ABC):
+    """Decides whether a proposal may replace the live model."""
+
+    @abc.abstractmethod
+    def decide(
+        self,
+        proposal: Proposal,
+        live_errors: torch.Tensor,
+        canary_x: torch.Tensor,
+        canary_y: torch.Tensor,
+    ) -> GateDecision:
+        """``live_errors`` are the live model's prequential squared errors on the canary
+        samples, measured before it learned from them; ``canary_x``/``canary_y`` are those
+        samples, which the proposal has not trained on."""

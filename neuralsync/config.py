@@ -1,0 +1,323 @@
+"""Scenario configuration: what to replay and how, validated with pydantic, loaded from YAML.
+
+A scenario is a YAML file that names a CSV (relative to the YAML), its columns, and the
+pipeline settings. Every mistake becomes a :class:`~neuralsync.errors.ConfigError` that names
+the file, the line and key, and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from neuralsync.errors import ConfigError, suggest
+
+__all__ = [
+    "AdaptationConfig",
+    "DetectorConfig",
+    "ModelConfig",
+    "NormalizationConfig",
+    "Scenario",
+    "apply_overrides",
+    "load_scenario",
+    "parse_override",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """The live model and how it learns online."""
+
+    type: Literal["mlp", "linear"] = "mlp"
+    hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32])
+    activation: Literal["relu", "tanh", "gelu", "silu"] = "relu"
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    #: Forecast the change from the last observed value (NLinear's "subtract last"): a model at
+    #: zero weights is the last-value forecast, so a fresh or disturbed model starts from a
+    #: sensible baseline instead of from noise.
+    subtract_last: bool = True
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: Annotated[float, Field(gt=0.0)] = 0.01
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
+    #: Samples per SGD step; 1 is plain test-then-train.
+    batch_size: Annotated[int, Field(gt=0)] = 1
+
+
+class DetectorConfig(_Strict):
+    """Which river drift detector watches the live error, and its parameters."""
+
+    type: Literal["adwin", "page_hinkley", "kswin", "none"] = "adwin"
+    #: Passed to the river detector's constructor, e.g. ``{"delta": 0.002}`` for ADWIN.
+    params: dict[str, Any] = Field(default_factory=dict)
+    #: Detections within this many samples of the previous one (or of the start) are ignored:
+    #: the error of a model that is still adapting is not a new regime.
+    cooldown: Annotated[int, Field(ge=0)] = 100
+
+
+class NormalizationConfig(_Strict):
+    """Online normalisation of every input column, per key."""
+
+    #: ``running``: cumulative mean and variance; ``ewm``: exponentially weighted with
+    #: ``halflife`` rows; ``warmup``: fitted on the first ``warmup_rows`` rows, then frozen;
+    #: ``none``: raw values.
+    mode: Literal["running", "ewm", "warmup", "none"] = "running"
+    warmup_rows: Annotated[int, Field(gt=1)] = 200
+    halflife: Annotated[float, Field(gt=0.0)] = 1000.0
+
+
+class AdaptationConfig(_Strict):
+    """Who reacts to a regime change, and the canary check their proposals must pass."""
+
+    #: Names of the adapters that react to a regime change (see ``neuralsync.adaptation``);
+    #: an empty list switches adaptation off.
+    adapters: list[str] = Field(default_factory=list)
+    #: Labelled samples just before the canary window that adapters may train on.
+    support_size: Annotated[int, Field(gt=0)] = 256
+    #: Most recent labelled samples a proposal is scored on; it may not train on them.
+    canary_size: Annotated[int, Field(gt=0)] = 64
+    #: Relative improvement over the live model's error a proposal must reach to go live.
+    margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class Scenario(_Strict):
+    """A replayable scenario: the data, its columns, and the pipeline settings.
+
+    Paths are resolved relative to the YAML file that holds them.
+
+    >>> s = Scenario(name="demo", csv="prices.csv", timestamp="time", targets="close")
+    >>> s.targets, s.inputs, s.effective_label_delay
+    (['close'], ['close'], 1)
+
+    """
+
+    name: str
+    description: str = ""
+    csv: Path
+    timestamp: str
+    #: strftime format of the timestamp column; inferred when omitted. Numeric columns are
+    #: taken as plain numbers (seconds, steps).
+    timestamp_format: str | None = None
+    features: list[str] = Field(default_factory=list)
+    targets: list[str]
+    key: str | None = None
+    lookback: Annotated[int, Field(gt=0)] = 32
+    horizon: Annotated[int, Field(gt=0)] = 1
+    #: Rows after a forecast until its truth may be learned from; defaults to ``horizon`` (the
+    #: whole horizon observed). Larger values model truth that is published late.
+    label_delay: Annotated[int, Field(gt=0)] | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)
+    #: ``error`` stops with the file and line; ``drop`` skips the row; ``ffill`` repeats the
+    #: key's last value. Dropped and filled cells are counted in metrics.json.
+    missing: Literal["error", "drop", "ffill"] = "error"
+    #: Rows that cannot be used (non-numeric, infinite, out of order): ``error`` stops with the
+    #: file and line; ``dead_letter`` writes them with the reason to dead_letter.jsonl and goes on.
+    bad_records: Literal["error", "dead_letter"] = "error"
+    #: Timestamps of the true regime changes (a JSON file beside the CSV, or a list).
+    change_points: Path | list[Any] | None = None
+    #: A detection counts for a true change when it comes within this many rows after it.
+    change_point_tolerance: Annotated[int, Field(gt=0)] = 300
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Torch threads; 1 is fastest for batch-1 work on small CPUs. ``None`` leaves torch's choice.
+    num_threads: Annotated[int, Field(gt=0)] | None = 1
+    checkpoint_every: Annotated[int, Field(gt=0)] = 2000
+    chunk_size: Annotated[int, Field(gt=0)] = 4096
+    #: Replay at this multiple of real time (stream seconds per wall second); ``None`` is as
+    #: fast as possible.
+    realtime_factor: Annotated[float, Field(gt=0.0)] | None = None
+
+    @field_validator("targets", "features", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> Scenario:
+        if not self.targets:
+            raise ValueError("at least one target column is required")
+        named = [self.timestamp, *self.inputs] + ([self.key] if self.key else [])
+        duplicated = {c for c in named if named.count(c) > 1 and c not in self.targets}
+        if self.timestamp in self.inputs or (self.key and self.key in self.inputs):
+            duplicated.add(self.timestamp if self.timestamp in self.inputs else self.key)
+        if duplicated:
+            raise ValueError(f"columns used twice: {sorted(duplicated)}")
+        if self.label_delay is not None and self.label_delay < self.horizon:
+            raise ValueError(
+                f"label_delay ({self.label_delay}) must be at least horizon ({self.horizon}): "
+                "a forecast can only be learned from once its whole horizon is observed"
+            )
+        return self
+
+    @property
+    def inputs(self) -> list[str]:
+        """Model input columns: the features, then the targets' own past values."""
+        return list(self.features) + [t for t in self.targets if t not in self.features]
+
+    @property
+    def effective_label_delay(self) -> int:
+        return self.label_delay if self.label_delay is not None else self.horizon
+
+    def resolve_paths(self, base: Path) -> Scenario:
+        """Return a copy whose relative paths are taken relative to ``base``."""
+        updates: dict[str, Any] = {}
+        if not self.csv.is_absolute():
+            updates["csv"] = (base / self.csv).resolve()
+        if isinstance(self.change_points, Path) and not self.change_points.is_absolute():
+            updates["change_points"] = (base / self.change_points).resolve()
+        return self.model_copy(update=updates)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
+        return self.model_dump(
+            mode="json", exclude={"description", "realtime_factor", "chunk_size", "name"}
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, with error messages that point at the file, line and key
+
+
+def _yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML mapping to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = (*path, str(key_node.value))
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """Valid option names at ``path`` inside ``model``, for "did you mean" hints."""
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe_validation_error(
+    error: ValidationError, origin: str, key_lines: dict[tuple[str, ...], int]
+) -> str:
+    messages = []
+    for item in error.errors():
+        path = tuple(str(p) for p in item["loc"])
+        where = origin
+        line = key_lines.get(path) or key_lines.get(path[:-1])
+        if line:
+            where = f"{origin}:{line}"
+        dotted = ".".join(path) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            hint = suggest(path[-1], _field_names(Scenario, path[:-1]))
+            valid = ", ".join(_field_names(Scenario, path[:-1]))
+            messages.append(f"{where}: unknown option '{dotted}'{hint}; valid options: {valid}")
+        elif item["type"] == "missing":
+            messages.append(f"{where}: required option '{dotted}' is missing")
+        else:
+            got = item.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            messages.append(f"{where}: option '{dotted}': {item['msg']}{got_text}")
+    return "\n".join(messages)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse a ``--set`` override ``dotted.key=value``; the value is read as a YAML scalar.
+
+    >>> parse_override("model.lr=0.05")
+    (['model', 'lr'], 0.05)
+    >>> parse_override("detector.type=kswin")
+    (['detector', 'type'], 'kswin')
+
+    """
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set model.lr=0.01")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with ``{"model.lr": 0.05}``-style overrides applied.
+
+    >>> apply_overrides({"model": {"lr": 0.1}}, {"model.lr": 0.05, "seed": 3})
+    {'model': {'lr': 0.05}, 'seed': 3}
+
+    """
+    merged = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = merged
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:
+    """Load and validate a scenario YAML, applying ``overrides`` (dotted keys) on top.
+
+    Raises
+    ------
+    ConfigError
+        For a missing or malformed file, an unknown or invalid option; the message names the
+        file, the line and the key, and what was expected.
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: scenario file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the scenario file is empty; expected a mapping of options")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of options at the top level, got {type(raw).__name__}"
+        )
+    raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides or {})
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, str(path), _yaml_key_lines(text))) from None
+    return scenario.resolve_paths(path.parent)

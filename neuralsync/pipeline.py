@@ -1,0 +1,527 @@
+"""The streaming pipeline: window → forecast → wait for the truth → score → learn → watch the regime.
+
+One :class:`Pipeline` turns batches of rows into forecasts, one row at a time, in stream
+order, and keeps the contracts of DESIGN.md:
+
+- no look-ahead: the forecast issued at a row uses only that row and earlier ones, and a
+  forecast is learned from only ``label_delay`` rows later, once its truth has arrived;
+- determinism: everything that changes lives in :meth:`Pipeline.state_dict`, RNG states
+  included, so a run restored from a snapshot continues exactly as one never stopped;
+- every decision is an :class:`~neuralsync.events.Event` on :attr:`Pipeline.events`.
+
+Replay, the Kafka daemon and the library facade all drive this same class.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuralsync.base import Adapter, Batch, Gate, Prediction, Proposal, RegimeChange
+from neuralsync.config import Scenario
+from neuralsync.errors import ConfigError, DataError, StreamOrderError, suggest
+from neuralsync.events import Event, EventBus, format_stream_time
+from neuralsync.learner import OnlineLearner, resolve_device
+from neuralsync.metrics import ForecastMetrics, match_detections
+from neuralsync.regime import RegimeDetector
+from neuralsync.scaling import OnlineScaler
+
+__all__ = ["Pipeline"]
+
+
+@dataclass
+class _Pending:
+    """A forecast waiting for its truth, with what is needed to score it and learn from it."""
+
+    row: int  # the key's row count when it was issued
+    position: int
+    issued_at: Any
+    window: np.ndarray  # (lookback, inputs) float32, normalised with the issue-time statistics
+    center: np.ndarray  # (targets,) issue-time statistics of the targets
+    scale: np.ndarray
+    last: np.ndarray  # (targets,) raw last observed values
+    forecast: np.ndarray  # (horizon, targets) normalised
+    truth: np.ndarray  # (horizon, targets) raw, NaN until observed
+
+    def to_state(self) -> dict[str, Any]:
+        return {k: (torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
+                for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _Pending:
+        return cls(**{k: (v.numpy().copy() if isinstance(v, torch.Tensor) else v)
+                      for k, v in state.items()})
+
+
+class _SeriesState:
+    """Everything the pipeline keeps for one key: its window, scaler, detector and forecasts."""
+
+    def __init__(self, scenario: Scenario, n_inputs: int):
+        norm = scenario.normalization
+        self.window = np.zeros((scenario.lookback, n_inputs))  # ring buffer of raw rows
+        self.rows = 0
+        self.last_timestamp: Any = None
+        self.last_values: np.ndarray | None = None  # for forward fill
+        self.scaler = OnlineScaler(n_inputs, norm.mode, norm.warmup_rows, norm.halflife)
+        self.detector = RegimeDetector(scenario.detector)
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.metrics = ForecastMetrics()
+
+    def ordered_window(self) -> np.ndarray:
+        start = self.rows % len(self.window)
+        return np.concatenate([self.window[start:], self.window[:start]])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window": torch.from_numpy(self.window.copy()),
+            "rows": self.rows,
+            "last_timestamp": self.last_timestamp,
+            "last_values": None if self.last_values is None else torch.from_numpy(
+                self.last_values.copy()),
+            "scaler": self.scaler.state_dict(),
+            "detector": self.detector.state_dict(),
+            "pending": [p.to_state() for p in self.pending],
+            "metrics": self.metrics.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window = state["window"].numpy().copy()
+        self.rows = int(state["rows"])
+        self.last_timestamp = state["last_timestamp"]
+        values = state["last_values"]
+        self.last_values = None if values is None else values.numpy().copy()
+        self.scaler.load_state_dict(state["scaler"])
+        self.detector.load_state_dict(state["detector"])
+        self.pending = collections.deque(_Pending.from_state(p) for p in state["pending"])
+        self.metrics.load_state_dict(state["metrics"])
+
+
+class _CanaryGate(Gate):
+    """Accept a proposal whose error on the canary samples beats the live model's by ``margin``."""
+
+    def __init__(self, margin: float):
+        self.margin = margin
+
+    def decide(self, proposal, live_errors, canary_x, canary_y):
+        from neuralsync.base import GateDecision
+
+        candidate = float(proposal.learner.squared_errors(canary_x, canary_y).mean())
+        live = float(live_errors.mean())
+        accepted = bool(np.isfinite(candidate) and candidate < live * (1.0 - self.margin))
+        reason = (
+            "candidate beats the live model on the canary window"
+            if accepted
+            else "candidate does not beat the live model on the canary window"
+        )
+        return GateDecision(accepted, reason, {"candidate_mse": candidate, "live_mse": live,
+                                               "margin": self.margin})
+
+
+class Pipeline:
+    """Forecast, score, learn and adapt over a stream of :class:`~neuralsync.base.Batch` es.
+
+    Parameters
+    ----------
+    scenario
+        Columns, window, model, detector and policies.
+    adapters
+        Components that react to a regime change and may propose a new live model.
+    gate
+        Decides on proposals; by default a canary comparison with the live model on the most
+        recent labelled samples, which proposals never train on.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from neuralsync.config import Scenario
+    >>> from neuralsync.sources import DataFrameSource
+    >>> import pandas as pd
+    >>> frame = pd.DataFrame({"t": np.arange(300), "y": np.sin(np.arange(300) / 5)})
+    >>> pipeline = Pipeline(Scenario(name="sine", csv="-", timestamp="t", targets="y",
+    ...                              lookback=8, detector={"type": "none"}))
+    >>> for batch in DataFrameSource(frame, timestamp="t", columns=["y"]):
+    ...     _ = pipeline.process(batch)
+    >>> summary = pipeline.metrics()
+    >>> summary["n_predictions"], summary["mse"] < summary["baseline_last_value"]["mse"]
+    (292, True)
+
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        adapters: Sequence[Adapter] = (),
+        gate: Gate | None = None,
+    ):
+        self.scenario = scenario
+        self.adapters = list(adapters)
+        self.gate = gate or _CanaryGate(scenario.adaptation.margin)
+        self.events = EventBus()
+        self.device = resolve_device(scenario.device)
+        self.inputs = scenario.inputs
+        self.targets = scenario.targets
+        self.target_index = [self.inputs.index(t) for t in self.targets]
+        self.label_delay = scenario.effective_label_delay
+        self._rng_seeded = False
+        self._seed_everything(scenario.seed)
+        self.learner = OnlineLearner(
+            scenario.model,
+            n_inputs=len(self.inputs),
+            lookback=scenario.lookback,
+            horizon=scenario.horizon,
+            target_index=self.target_index,
+            device=self.device,
+        )
+        self.series: dict[str, _SeriesState] = {}
+        self.metrics_ = ForecastMetrics()
+        self.position_ = 0  # rows consumed, bad ones included
+        self.stream_time_: Any = None
+        self.time_kind = "datetime"
+        self.counts_ = collections.Counter()
+        self.detections_: list[dict[str, Any]] = []
+        self._learn_buffer: list[tuple[np.ndarray, np.ndarray]] = []
+        memory = scenario.adaptation.support_size + scenario.adaptation.canary_size
+        self._recent: collections.deque[tuple[np.ndarray, np.ndarray, float]] = (
+            collections.deque(maxlen=memory))
+        self._column_map: np.ndarray | None = None
+        self._columns: list[str] | None = None
+        self._change_points = None
+        self.change_point_positions_: list[int | None] = []
+        self.on_prediction: Callable[[list[Prediction]], None] | None = None
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        if self.scenario.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(self.scenario.num_threads)
+
+    def set_change_points(self, timestamps: Sequence[Any]) -> None:
+        """Tell the pipeline the true change points (in the stream's time) to score detection."""
+        self._change_points = np.asarray(sorted(timestamps))
+        self.change_point_positions_ = [None] * len(self._change_points)
+
+    def _bind_columns(self, batch: Batch) -> None:
+        missing = [c for c in self.inputs if c not in batch.columns]
+        if missing:
+            hint = suggest(missing[0], batch.columns)
+            raise ConfigError(
+                f"{batch.source_name}: column '{missing[0]}' named in the scenario is not in the "
+                f"data{hint}; columns present: {', '.join(batch.columns)}"
+            )
+        self._columns = list(batch.columns)
+        self._column_map = np.asarray([batch.columns.index(c) for c in self.inputs])
+        self.time_kind = batch.time_kind
+
+    # -- the per-row loop -------------------------------------------------------------------
+
+    def process(self, batch: Batch) -> list[Prediction]:
+        """Consume a batch; return the forecasts whose truth arrived (and new forecasts'
+        values are held until theirs does)."""
+        if self._column_map is None or batch.columns != self._columns:
+            self._bind_columns(batch)
+        out: list[Prediction] = []
+        values = batch.values[:, self._column_map]
+        for i in range(len(batch)):
+            self.position_ += 1
+            timestamp = batch.timestamps[i].item()
+            key = "" if batch.keys is None else str(batch.keys[i])
+            self._process_row(batch, i, key, timestamp, values[i], out)
+        if out and self.on_prediction is not None:
+            self.on_prediction(out)
+        return out
+
+    def _stream_time(self, timestamp: Any) -> Any:
+        return format_stream_time(timestamp, self.time_kind)
+
+    def _emit(self, kind: str, **data: Any) -> None:
+        self.events.emit(Event(kind, self.position_, self._stream_time(self.stream_time_), data))
+
+    def _bad_record(self, batch: Batch, i: int, reason: str, column: str | None = None,
+                    error: type[DataError] = DataError, raw: str | None = None) -> None:
+        origin = batch.origin(i, column)
+        if self.scenario.bad_records == "error":
+            raise error(
+                f"{reason} (set bad_records: dead_letter in the scenario to set such rows "
+                "aside and go on)", origin)
+        self.counts_["bad_records"] += 1
+        if raw is None:
+            raw = ",".join(str(v) for v in batch.values[i])
+        self._emit("bad_record", origin=origin, reason=reason, raw=raw)
+
+    def _process_row(self, batch: Batch, i: int, key: str, timestamp: Any, row: np.ndarray,
+                     out: list[Prediction]) -> None:
+        if i in batch.errors:
+            reason, raw = batch.errors[i]
+            self._bad_record(batch, i, reason, raw=raw)
+            return
+        state = self.series.get(key)
+        if state is None:
+            state = self.series[key] = _SeriesState(self.scenario, len(self.inputs))
+        if state.last_timestamp is not None and timestamp <= state.last_timestamp:
+            what = "duplicate" if timestamp == state.last_timestamp else "out-of-order"
+            self._bad_record(
+                batch, i,
+                f"{what} timestamp {self._stream_time(timestamp)} for key '{key}': expected a "
+                f"time after {self._stream_time(state.last_timestamp)}",
+                column=self.scenario.timestamp, error=StreamOrderError)
+            return
+        if not np.isfinite(row).all():
+            row = self._handle_non_finite(batch, i, state, row)
+            if row is None:
+                return
+        self.stream_time_ = timestamp
+        self._track_change_points(timestamp)
+        state.last_timestamp = timestamp
+        state.last_values = row
+        state.rows += 1
+        self._observe_truths(state, key, row, out)
+        state.scaler.learn_one(row)
+        state.window[(state.rows - 1) % len(state.window)] = row
+        if state.rows >= self.scenario.lookback:
+            self._issue_forecast(state, timestamp)
+
+    def _handle_non_finite(self, batch: Batch, i: int, state: _SeriesState,
+                           row: np.ndarray) -> np.ndarray | None:
+        infinite = np.isinf(row)
+        if infinite.any():
+            column = self.inputs[int(np.argmax(infinite))]
+            self._bad_record(batch, i, f"infinite value {row[infinite][0]} in column '{column}'; "
+                             "expected a finite number", column=column)
+            return None
+        missing = np.isnan(row)
+        column = self.inputs[int(np.argmax(missing))]
+        policy = self.scenario.missing
+        if policy == "error":
+            raise DataError(
+                f"missing value in column '{column}'; expected a number (set missing: drop or "
+                "missing: ffill in the scenario to skip or fill such cells)",
+                batch.origin(i, column))
+        if policy == "ffill" and state.last_values is not None:
+            self.counts_["filled_cells"] += int(missing.sum())
+            return np.where(missing, state.last_values, row)
+        self.counts_["dropped_rows"] += 1
+        return None
+
+    def _track_change_points(self, timestamp: Any) -> None:
+        if self._change_points is None:
+            return
+        for j, change in enumerate(self._change_points):
+            if self.change_point_positions_[j] is None and timestamp >= change:
+                self.change_point_positions_[j] = self.position_
+
+    def _observe_truths(self, state: _SeriesState, key: str, row: np.ndarray,
+                        out: list[Prediction]) -> None:
+        horizon = self.scenario.horizon
+        truth_now = row[self.target_index]
+        for pending in state.pending:
+            step = state.rows - pending.row
+            if step > horizon:
+                continue
+            pending.truth[step - 1] = truth_now
+            forecast = pending.forecast[step - 1] * pending.scale + pending.center
+            for t, target in enumerate(self.targets):
+                value, truth, last = float(forecast[t]), float(truth_now[t]), float(pending.last[t])
+                self.metrics_.update(value, truth, last)
+                state.metrics.update(value, truth, last)
+                out.append(Prediction(self._stream_time(pending.issued_at),
+                                      self._stream_time(state.last_timestamp), key or None,
+                                      target, step, value, truth))
+            if step == 1:
+                normalised = (truth_now - pending.center) / pending.scale
+                error = float(np.abs(pending.forecast[0] - normalised).mean())
+                if state.detector.update(error):
+                    self._on_regime_change(key)
+        # Pending forecasts are in issue order, so the learnable ones (label_delay rows old,
+        # their whole horizon observed since label_delay >= horizon) are at the front.
+        while state.pending and state.rows - state.pending[0].row >= self.label_delay:
+            self._learn_from(state.pending.popleft())
+
+    def _issue_forecast(self, state: _SeriesState, timestamp: Any) -> None:
+        window = state.scaler.transform(state.ordered_window()).astype(np.float32)
+        forecast = self.learner.predict(window[None])[0]
+        center = state.scaler.center[self.target_index].copy()
+        scale = state.scaler.std[self.target_index].copy()
+        state.pending.append(_Pending(
+            row=state.rows, position=self.position_, issued_at=timestamp, window=window,
+            center=center, scale=scale, last=state.last_values[self.target_index].copy(),
+            forecast=forecast, truth=np.full_like(forecast, np.nan, dtype=np.float64)))
+        self.counts_["forecasts"] += 1
+
+    def _learn_from(self, pending: _Pending) -> None:
+        target = ((pending.truth - pending.center) / pending.scale).astype(np.float32)
+        live_error = float(((pending.forecast - target) ** 2).mean())
+        self._recent.append((pending.window, target, live_error))
+        self._learn_buffer.append((pending.window, target))
+        if len(self._learn_buffer) >= self.scenario.model.batch_size:
+            windows = np.stack([w for w, _ in self._learn_buffer])
+            targets = np.stack([t for _, t in self._learn_buffer])
+            self._learn_buffer.clear()
+            loss = self.learner.learn(windows, targets)
+            if not np.isfinite(loss):
+                self.counts_["skipped_steps"] += 1
+                self._emit("learn_skipped", reason="loss or gradient not finite; step rolled back",
+                           loss=loss)
+
+    # -- adaptation -------------------------------------------------------------------------
+
+    def _on_regime_change(self, key: str) -> None:
+        detection = {"position": self.position_,
+                     "stream_time": self._stream_time(self.stream_time_), "key": key or None}
+        self.detections_.append(detection)
+        self._emit("regime_change", key=key or None, detector=self.scenario.detector.type)
+        if self.adapters:
+            self._adapt(RegimeChange(self.position_, detection["stream_time"], key or None,
+                                     self.scenario.detector.type))
+
+    def _adapt(self, change: RegimeChange) -> None:
+        canary_size = self.scenario.adaptation.canary_size
+        if len(self._recent) < canary_size + 1:
+            self._emit("adaptation_skipped", reason=(
+                f"{len(self._recent)} labelled samples since the start; the canary check needs "
+                f"more than {canary_size}"))
+            return
+        samples = list(self._recent)
+        support, canary = samples[:-canary_size], samples[-canary_size:]
+        support_x = torch.from_numpy(np.stack([s[0] for s in support]))
+        support_y = torch.from_numpy(np.stack([s[1] for s in support]))
+        canary_x = torch.from_numpy(np.stack([s[0] for s in canary]))
+        canary_y = torch.from_numpy(np.stack([s[1] for s in canary]))
+        live_errors = torch.tensor([s[2] for s in canary])
+        for adapter in self.adapters:
+            proposal = adapter.on_regime_change(change, self.learner, support_x, support_y)
+            if proposal is None:
+                continue
+            self._offer(proposal, live_errors, canary_x, canary_y)
+
+    def _offer(self, proposal: Proposal, live_errors: torch.Tensor, canary_x: torch.Tensor,
+               canary_y: torch.Tensor) -> None:
+        decision = self.gate.decide(proposal, live_errors, canary_x, canary_y)
+        self._emit("gate_decision", source=proposal.source, accepted=decision.accepted,
+                   reason=decision.reason, **decision.figures, **proposal.details)
+        if not decision.accepted:
+            return
+        # The canary samples are past data the new model has not seen: learn them now, in order.
+        for x, y in zip(canary_x, canary_y, strict=True):
+            proposal.learner.learn(x[None], y[None])
+        self.learner = proposal.learner
+        self.counts_["swaps"] += 1
+        self._emit("swap", source=proposal.source)
+
+    # -- results ----------------------------------------------------------------------------
+
+    def finish(self) -> list[Prediction]:
+        """Forecasts still waiting for their truth at the end of the stream (truth NaN)."""
+        out = []
+        for key, state in self.series.items():
+            for pending in state.pending:
+                forecast = pending.forecast * pending.scale + pending.center
+                for step in range(1, self.scenario.horizon + 1):
+                    if not np.isnan(pending.truth[step - 1]).any():
+                        continue
+                    for t, target in enumerate(self.targets):
+                        out.append(Prediction(self._stream_time(pending.issued_at), None,
+                                              key or None, target, step,
+                                              float(forecast[step - 1, t]), float("nan")))
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        """Prequential figures overall and per key, counts, regime changes and detection."""
+        summary = self.metrics_.summary()
+        summary["rows"] = self.position_
+        summary["forecasts"] = self.counts_["forecasts"]
+        summary["regime_changes"] = [d["stream_time"] for d in self.detections_]
+        summary["regime_change_keys"] = [d["key"] for d in self.detections_]
+        summary["missing"] = {"policy": self.scenario.missing,
+                              "dropped_rows": self.counts_["dropped_rows"],
+                              "filled_cells": self.counts_["filled_cells"]}
+        summary["bad_records"] = self.counts_["bad_records"]
+        summary["learn_steps"] = self.learner.steps_
+        summary["skipped_steps"] = self.counts_["skipped_steps"]
+        summary["swaps"] = self.counts_["swaps"]
+        if self.scenario.key is not None:
+            summary["per_key"] = {k: s.metrics.summary() for k, s in sorted(self.series.items())}
+        if self._change_points is not None:
+            reached = [p for p in self.change_point_positions_ if p is not None]
+            detection = match_detections(reached, [d["position"] for d in self.detections_],
+                                         self.scenario.change_point_tolerance)
+            detection["tolerance_rows"] = self.scenario.change_point_tolerance
+            summary["detection"] = detection
+        return summary
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes, as tensors and plain values (no code is pickled)."""
+        return {
+            "position": self.position_,
+            "stream_time": self.stream_time_,
+            "time_kind": self.time_kind,
+            "columns": self._columns,
+            "learner": self.learner.state_dict(),
+            "series": {k: s.state_dict() for k, s in self.series.items()},
+            "metrics": self.metrics_.state_dict(),
+            "counts": dict(self.counts_),
+            "detections": list(self.detections_),
+            "change_point_positions": list(self.change_point_positions_),
+            "learn_buffer": [(torch.from_numpy(w), torch.from_numpy(t))
+                             for w, t in self._learn_buffer],
+            "recent": [(torch.from_numpy(w), torch.from_numpy(t), e) for w, t, e in self._recent],
+            "adapters": {a.name: a.state_dict() for a in self.adapters},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": _numpy_rng_state(),
+                "python": _python_rng_state(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position_ = int(state["position"])
+        self.stream_time_ = state["stream_time"]
+        self.time_kind = state["time_kind"]
+        self.learner = OnlineLearner.from_state_dict(state["learner"], self.device)
+        self.series = {}
+        for key, series_state in state["series"].items():
+            series = self.series[key] = _SeriesState(self.scenario, len(self.inputs))
+            series.load_state_dict(series_state)
+        self.metrics_.load_state_dict(state["metrics"])
+        self.counts_ = collections.Counter(state["counts"])
+        self.detections_ = list(state["detections"])
+        self.change_point_positions_ = list(state["change_point_positions"])
+        self._learn_buffer = [(w.numpy(), t.numpy()) for w, t in state["learn_buffer"]]
+        self._recent.clear()
+        self._recent.extend((w.numpy(), t.numpy(), float(e)) for w, t, e in state["recent"])
+        for adapter in self.adapters:
+            adapter.load_state_dict(state["adapters"].get(adapter.name, {}))
+        torch.set_rng_state(state["rng"]["torch"])
+        _set_numpy_rng_state(state["rng"]["numpy"])
+        _set_python_rng_state(state["rng"]["python"])
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached"]))
+
+
+def _python_rng_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state: list[Any]) -> None:
+    version, internal, gauss = state
+    random.setstate((version, tuple(internal), gauss))
