@@ -103,6 +103,8 @@ class Prediction:
     step: int
     prediction: float
     truth: float
+    #: The last value observed when the forecast was issued: the last-value baseline's forecast.
+    last_value: float
 
 
 class PredictionSink(abc.ABC):

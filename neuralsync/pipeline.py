@@ -334,7 +334,7 @@ class Pipeline:
                 state.metrics.update(value, truth, last)
                 out.append(Prediction(self._stream_time(pending.issued_at),
                                       self._stream_time(state.last_timestamp), key or None,
-                                      target, step, value, truth))
+                                      target, step, value, truth, last))
             if step == 1:
                 normalised = (truth_now - pending.center) / pending.scale
                 error = float(np.abs(pending.forecast[0] - normalised).mean())
@@ -430,7 +430,8 @@ class Pipeline:
                     for t, target in enumerate(self.targets):
                         out.append(Prediction(self._stream_time(pending.issued_at), None,
                                               key or None, target, step,
-                                              float(forecast[step - 1, t]), float("nan")))
+                                              float(forecast[step - 1, t]), float("nan"),
+                                              float(pending.last[t])))
         return out
 
     def metrics(self) -> dict[str, Any]:
