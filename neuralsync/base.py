@@ -67,6 +67,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.values)
 
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows ``start:stop`` as a batch of their own."""
+        return Batch(
+            columns=self.columns,
+            values=self.values[start:stop],
+            timestamps=self.timestamps[start:stop],
+            keys=None if self.keys is None else self.keys[start:stop],
+            origins=None if self.origins is None else self.origins[start:stop],
+            errors={i - start: e for i, e in self.errors.items() if start <= i < stop},
+            source_name=self.source_name,
+            time_kind=self.time_kind,
+        )
+
     def origin(self, row: int, column: str | None = None) -> str:
         where = self.source_name
         if self.origins is not None:

@@ -1,0 +1,87 @@
+"""Adapters that react to a regime change, and the registry that builds them by name.
+
+An adapter gets the live learner and recent labelled samples (the support set) and may
+propose a replacement; the pipeline's gate scores it on later samples it never trained on.
+More adapters (meta-adaptation, evolution) register here or under the
+``neuralsync.adapters`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from neuralsync.base import Adapter, Proposal, RegimeChange
+from neuralsync.config import Scenario
+from neuralsync.errors import ConfigError, suggest
+from neuralsync.learner import OnlineLearner
+
+__all__ = ["ADAPTERS", "FreshStartAdapter", "build_adapters"]
+
+
+class FreshStartAdapter(Adapter):
+    """Propose a freshly initialised model trained on the support window only.
+
+    The simplest answer to a regime change, and the baseline the smarter adapters must beat:
+    forget everything and learn the new regime from what has been seen since.
+
+    Parameters
+    ----------
+    epochs
+        Passes over the support window, oldest sample first.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from neuralsync.config import ModelConfig
+    >>> _ = torch.manual_seed(0)
+    >>> live = OnlineLearner(ModelConfig(), n_inputs=1, lookback=4, horizon=1, target_index=[0])
+    >>> x, y = torch.randn(32, 4, 1), torch.randn(32, 1, 1)
+    >>> proposal = FreshStartAdapter(epochs=2).on_regime_change(None, live, x, y)
+    >>> proposal.source, proposal.learner.steps_, proposal.learner is live
+    ('fresh_start', 64, False)
+
+    """
+
+    name = "fresh_start"
+
+    def __init__(self, epochs: int = 1):
+        self.epochs = epochs
+
+    def on_regime_change(
+        self,
+        change: RegimeChange | None,
+        live: OnlineLearner,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+    ) -> Proposal:
+        fresh = OnlineLearner(live.config, live.n_inputs, live.lookback, live.horizon,
+                              live.target_index, device=live.device)
+        for _ in range(self.epochs):
+            for x, y in zip(support_x, support_y, strict=True):
+                fresh.learn(x[None], y[None])
+        return Proposal(fresh, self.name, {"support_size": len(support_x), "epochs": self.epochs})
+
+
+#: Built-in adapters by name: a factory taking the scenario.
+ADAPTERS: dict[str, Callable[[Scenario], Adapter]] = {
+    "fresh_start": lambda scenario: FreshStartAdapter(),
+}
+
+
+def build_adapters(scenario: Scenario) -> list[Adapter]:
+    """Instantiate the adapters a scenario names, in order."""
+    from importlib.metadata import entry_points
+
+    factories: dict[str, Any] = dict(ADAPTERS)
+    for ep in entry_points(group="neuralsync.adapters"):
+        factories.setdefault(ep.name, ep.load())
+    adapters = []
+    for name in scenario.adaptation.adapters:
+        if name not in factories:
+            raise ConfigError(f"option 'adaptation.adapters': unknown adapter '{name}'"
+                              f"{suggest(name, factories)}; available: {', '.join(factories)}")
+        adapters.append(factories[name](scenario))
+    return adapters

@@ -1,0 +1,363 @@
+"""Draw a replay run's ``report.png``: forecasts, rolling error and the edge over last value.
+
+The figure has three panels on one time axis:
+
+1. truth and the step-1 forecast of the first target (of the first key, for keyed runs);
+2. the rolling MSE of the model and of the last-value baseline, over all forecasts;
+3. the cumulative difference of squared error, baseline minus model: rising means the model wins.
+
+Every panel marks the detected regime changes (solid) and the true change points (dashed). The
+figure is drawn on a private Agg canvas, never through pyplot, so it is thread-safe and needs no
+display. Plotted lines are thinned to a bounded number of points, keeping each bucket's minimum
+and maximum, so runs with millions of forecasts draw quickly without hiding spikes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib.dates as mdates
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from neuralsync.errors import DataError
+
+__all__ = ["write_report"]
+
+_COLUMNS = ["timestamp", "key", "target", "step", "prediction", "truth", "last_value"]
+_NUMBERS = ["step", "prediction", "truth", "last_value"]
+_MODEL = "tab:blue"
+_BASELINE = "tab:gray"
+_TRUTH = "black"
+_DETECTED = "tab:red"
+_TRUE_CHANGE = "tab:green"
+_DPI = 110
+_SIZE = (12.0, 9.0)
+
+
+def write_report(run_dir: Path, *, rolling: int = 200, max_points: int = 20000) -> Path:
+    """Draw ``run_dir/report.png`` from the run's ``predictions.csv`` and ``metrics.json``.
+
+    Parameters
+    ----------
+    run_dir
+        A replay run's output folder. A missing ``predictions.csv`` or one without any forecast
+        whose truth is known gives a figure that says so; a missing ``metrics.json`` is read as
+        empty (no regime changes, no change points, figures computed from the forecasts).
+    rolling
+        Forecasts in the rolling-MSE window (all keys and targets together, in time order). Runs
+        with fewer than ``2 * rolling`` scored forecasts use half their count instead.
+    max_points
+        The most points drawn per line; longer lines are thinned, keeping each bucket's minimum
+        and maximum.
+
+    Returns
+    -------
+    Path
+        The path of the written PNG. It is written to a temporary file first and then moved into
+        place, so a viewer never sees a half-written image.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``run_dir`` is not a folder.
+    DataError
+        If ``predictions.csv`` lacks one of the expected columns or ``metrics.json`` is not JSON.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     write_report(Path(folder)).name
+    'report.png'
+
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run folder at {run_dir}")
+    if rolling < 1 or max_points < 4:
+        raise ValueError(f"need rolling >= 1 and max_points >= 4, got {rolling} and {max_points}")
+    metrics = _read_metrics(run_dir / "metrics.json")
+    scored = _read_scored(run_dir / "predictions.csv")
+    name = metrics.get("name") or run_dir.name
+
+    fig = Figure(figsize=_SIZE, dpi=_DPI)
+    FigureCanvasAgg(fig)
+    if scored.empty:
+        _draw_empty(fig, name, metrics)
+    else:
+        _draw_report(fig, scored, metrics, name, rolling=rolling, max_points=max_points)
+
+    path = run_dir / "report.png"
+    partial = run_dir / "report.png.partial"
+    fig.savefig(partial, format="png", dpi=_DPI)
+    os.replace(partial, path)
+    return path
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"not valid JSON: {error}", str(path)) from error
+    if not isinstance(metrics, dict):
+        raise DataError("expected a JSON object", str(path))
+    return metrics
+
+
+def _read_scored(path: Path) -> pd.DataFrame:
+    """The forecasts whose truth is known, in time order, with parsed times (column ``time``)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame(columns=[*_COLUMNS, "time"])
+    header = pd.read_csv(path, nrows=0).columns
+    missing = [c for c in _COLUMNS if c not in header]
+    if missing:
+        raise DataError(
+            f"missing column(s) {', '.join(missing)}; expected a header with {', '.join(_COLUMNS)}",
+            str(path),
+        )
+    # Everything as text first, so that a key such as "NA" stays a key and not a missing value.
+    frame = pd.read_csv(path, usecols=_COLUMNS, dtype=str, keep_default_na=False)
+    for column in _NUMBERS:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame = frame[frame["truth"].notna() & (frame["timestamp"] != "")]
+    frame = frame.assign(time=_parse_times(frame["timestamp"]))
+    frame = frame[frame["time"].notna()]
+    return frame.sort_values("time", kind="stable").reset_index(drop=True)
+
+
+def _time_kind(values: pd.Series) -> str:
+    """``"number"`` when every stream time is a plain number, else ``"datetime"``."""
+    return "number" if pd.to_numeric(values, errors="coerce").notna().all() else "datetime"
+
+
+def _parse_times(values: Any, kind: str | None = None) -> pd.Series:
+    """Stream times (ISO strings or numbers) as floats or naive datetimes; unparsable → NaN/NaT."""
+    series = pd.Series(values, dtype=object).dropna().astype(str)
+    kind = kind or _time_kind(series)
+    if kind == "number":
+        return pd.to_numeric(series, errors="coerce").astype(float)
+    parsed = pd.to_datetime(series, format="ISO8601", errors="coerce", utc=True)
+    return parsed.dt.tz_localize(None)
+
+
+def _change_times(metrics: dict[str, Any], name: str, kind: str) -> np.ndarray:
+    values = metrics.get(name) or []
+    if not values:
+        return np.array([])
+    times = _parse_times(values, kind)
+    return times[times.notna()].to_numpy()
+
+
+# -- drawing ----------------------------------------------------------------------------------
+
+
+def _decimate(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` points of a line: each bucket's minimum and maximum, in order.
+
+    >>> x = np.arange(1000)
+    >>> y = np.sin(x / 10.0)
+    >>> xs, ys = _decimate(x, y, 100)
+    >>> len(xs) <= 100, bool(ys.max() == y.max()), bool(ys.min() == y.min())
+    (True, True, True)
+
+    """
+    n = len(y)
+    if n <= max_points:
+        return x, y
+    buckets = max_points // 2
+    size = math.ceil(n / buckets)
+    values = np.full(buckets * size, np.nan)
+    values[:n] = y
+    values = values.reshape(buckets, size)
+    finite = np.isfinite(values)
+    lows = np.where(finite, values, np.inf).argmin(axis=1)
+    highs = np.where(finite, values, -np.inf).argmax(axis=1)
+    starts = np.arange(buckets) * size
+    keep = np.unique(np.concatenate([starts + lows, starts + highs]))
+    keep = keep[keep < n]
+    return x[keep], y[keep]
+
+
+def _mark_changes(
+    ax: Axes, detected: np.ndarray, true_changes: np.ndarray, detected_label: str
+) -> None:
+    """Vertical lines over the whole height of ``ax``: detections solid, true changes dashed."""
+    spans = ax.get_xaxis_transform()
+    if len(true_changes):
+        ax.vlines(
+            true_changes,
+            0,
+            1,
+            transform=spans,
+            colors=_TRUE_CHANGE,
+            linestyles="--",
+            linewidth=1.2,
+            alpha=0.9,
+            label="true change point",
+            zorder=1,
+        )
+    if len(detected):
+        ax.vlines(
+            detected,
+            0,
+            1,
+            transform=spans,
+            colors=_DETECTED,
+            linestyles="-",
+            linewidth=0.9,
+            alpha=0.6,
+            label=detected_label,
+            zorder=1,
+        )
+
+
+def _legend(ax: Axes) -> None:
+    """The legend to the right of the panel, where it cannot cover the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
+
+
+def _figure(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _title(name: str, metrics: dict[str, Any], scored: pd.DataFrame | None) -> str:
+    mse = _figure(metrics.get("mse"))
+    baseline = _figure((metrics.get("baseline_last_value") or {}).get("mse"))
+    if scored is not None and not scored.empty:
+        if not math.isfinite(mse):
+            mse = float(np.mean((scored["prediction"] - scored["truth"]) ** 2))
+        if not math.isfinite(baseline):
+            baseline = float(np.mean((scored["last_value"] - scored["truth"]) ** 2))
+    if not (math.isfinite(mse) or math.isfinite(baseline)):
+        return name
+    text = f"{name}: MSE {mse:.4g} vs last-value MSE {baseline:.4g}"
+    if math.isfinite(mse) and math.isfinite(baseline) and baseline > 0:
+        text += f" (ratio {mse / baseline:.3f})"
+    return text
+
+
+def _draw_empty(fig: Figure, name: str, metrics: dict[str, Any]) -> None:
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    ax.text(
+        0.5,
+        0.5,
+        "no scored forecasts yet",
+        ha="center",
+        va="center",
+        fontsize=20,
+        color="dimgray",
+        transform=ax.transAxes,
+    )
+    fig.suptitle(_title(name, metrics, None), fontsize=13)
+
+
+def _draw_report(
+    fig: Figure,
+    scored: pd.DataFrame,
+    metrics: dict[str, Any],
+    name: str,
+    *,
+    rolling: int,
+    max_points: int,
+) -> None:
+    kind = "number" if scored["time"].dtype.kind == "f" else "datetime"
+    detected = _change_times(metrics, "regime_changes", kind)
+    true_changes = _change_times(metrics, "change_points", kind)
+    detection_keys = metrics.get("regime_change_keys")
+
+    keys = [k for k in pd.unique(scored["key"]) if k != ""]
+    target = scored["target"].iloc[0]
+    top, middle, bottom = fig.subplots(3, 1, sharex=True)
+
+    # (1) truth and step-1 forecast of the first target (and first key).
+    shown = scored[(scored["target"] == target) & (scored["step"] == scored["step"].min())]
+    what = f"target '{target}'"
+    detected_top, detected_label = detected, "detected regime change"
+    if keys:
+        shown = shown[shown["key"] == keys[0]]
+        what += f", key '{keys[0]}' (1 of {len(keys)} key{'s' if len(keys) > 1 else ''})"
+        if isinstance(detection_keys, list) and len(detection_keys) == len(detected):
+            own = np.array([k is None or k == keys[0] for k in detection_keys], dtype=bool)
+            detected_top = detected[own] if len(detected) else detected
+            detected_label = f"detected regime change (key '{keys[0]}')"
+    step = int(shown["step"].iloc[0]) if len(shown) else 1
+    x = shown["time"].to_numpy()
+    for column, label, color, width in (
+        ("truth", "truth", _TRUTH, 1.0),
+        ("prediction", f"prediction (step {step})", _MODEL, 0.9),
+    ):
+        xs, ys = _decimate(x, shown[column].to_numpy(dtype=float), max_points)
+        top.plot(xs, ys, color=color, linewidth=width, label=label, alpha=0.85, zorder=2)
+    top.set_title(f"Step-{step} forecast vs truth: {what}", fontsize=10, loc="left")
+    top.set_ylabel(target)
+
+    # (2) rolling MSE, model vs last value, over all keys, targets and steps by time.
+    x = scored["time"].to_numpy()
+    truth = scored["truth"].to_numpy(dtype=float)
+    model_se = (scored["prediction"].to_numpy(dtype=float) - truth) ** 2
+    baseline_se = (scored["last_value"].to_numpy(dtype=float) - truth) ** 2
+    model_se[~np.isfinite(model_se)] = np.nan
+    baseline_se[~np.isfinite(baseline_se)] = np.nan
+    window = max(1, min(rolling, len(scored) // 2))
+    spans: list[np.ndarray] = []
+    for errors, label, color in (
+        (model_se, "model", _MODEL),
+        (baseline_se, "last value", _BASELINE),
+    ):
+        mean = pd.Series(errors).rolling(window, min_periods=window).mean().to_numpy()
+        xs, ys = _decimate(x, mean, max_points)
+        middle.plot(xs, ys, color=color, linewidth=1.0, label=label, zorder=2)
+        spans.append(mean[np.isfinite(mean) & (mean > 0)])
+    positive = np.concatenate(spans)
+    if len(positive) and positive.max() > 100 * positive.min():
+        middle.set_yscale("log")
+    middle.set_title(
+        f"Rolling MSE over {window} forecasts (all keys, targets and steps)",
+        fontsize=10,
+        loc="left",
+    )
+    middle.set_ylabel("MSE")
+
+    # (3) cumulative squared-error difference: rising means the model beats last value.
+    edge = np.nancumsum(baseline_se - model_se)
+    xs, ys = _decimate(x, edge, max_points)
+    bottom.plot(xs, ys, color=_MODEL, linewidth=1.1, label="last-value SE − model SE", zorder=2)
+    bottom.axhline(0.0, color="black", linewidth=0.6, alpha=0.5, zorder=1)
+    bottom.set_title(
+        "Cumulative squared-error advantage over last value (rising: model winning)",
+        fontsize=10,
+        loc="left",
+    )
+    bottom.set_ylabel("Σ ΔSE")
+    bottom.set_xlabel("stream time" if kind == "datetime" else "stream time (number)")
+
+    _mark_changes(top, detected_top, true_changes, detected_label)
+    for ax in (middle, bottom):
+        _mark_changes(ax, detected, true_changes, "detected regime change")
+    for ax in (top, middle, bottom):
+        ax.grid(True, alpha=0.3, linewidth=0.5)
+        _legend(ax)
+    if kind == "datetime":
+        locator = mdates.AutoDateLocator()
+        bottom.xaxis.set_major_locator(locator)
+        bottom.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+    fig.suptitle(_title(name, metrics, scored), fontsize=13)
+    fig.tight_layout()
