@@ -84,8 +84,11 @@ class CSVSource(Source):
         try:
             header = pd.read_csv(self.path, nrows=0, dtype=str).columns
         except pd.errors.EmptyDataError:
-            raise DataError("the file is empty; expected a header line naming the columns, "
-                            "then one row per line", str(self.path)) from None
+            raise DataError(
+                "the file is empty; expected a header line naming the columns, "
+                "then one row per line",
+                str(self.path),
+            ) from None
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
             raise DataError(f"cannot read the header: {exc}", f"{self.path}:1") from None
         return [str(c) for c in header]
@@ -103,8 +106,13 @@ class CSVSource(Source):
 
     def __iter__(self) -> Iterator[Batch]:
         reader = pd.read_csv(
-            self.path, dtype=str, keep_default_na=False, na_filter=False,
-            usecols=self._wanted(), chunksize=self.chunk_size, skip_blank_lines=False,
+            self.path,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            usecols=self._wanted(),
+            chunksize=self.chunk_size,
+            skip_blank_lines=False,
         )
         line = 2  # the header is line 1
         rows_seen = 0
@@ -122,9 +130,15 @@ class CSVSource(Source):
                 if chunk.empty:
                     continue
                 batch = frame_to_batch(
-                    chunk, timestamp=self.timestamp, columns=self.columns, key=self.key,
-                    timestamp_format=self.timestamp_format, time_kind=self.time_kind,
-                    origins=lines, source_name=str(self.path))
+                    chunk,
+                    timestamp=self.timestamp,
+                    columns=self.columns,
+                    key=self.key,
+                    timestamp_format=self.timestamp_format,
+                    time_kind=self.time_kind,
+                    origins=lines,
+                    source_name=str(self.path),
+                )
                 self.time_kind = batch.time_kind
                 self.position = rows_seen
                 yielded += len(batch)
@@ -139,8 +153,7 @@ class CSVSource(Source):
         if rows_seen == 0:
             raise DataError("the file has a header but no data rows", str(self.path))
 
-    def _pace(self, timestamp: float, started: tuple[float, float] | None
-              ) -> tuple[float, float]:
+    def _pace(self, timestamp: float, started: tuple[float, float] | None) -> tuple[float, float]:
         seconds = float(timestamp) / 1e9 if self.time_kind == "datetime" else float(timestamp)
         if math.isnan(seconds):
             return started or (time.monotonic(), 0.0)
@@ -162,8 +175,16 @@ class CSVPredictionSink(PredictionSink):
     (``timestamp`` is the time of the truth; floats are written exactly, with ``repr``).
     """
 
-    HEADER = ("issued_at", "timestamp", "key", "target", "step", "prediction", "truth",
-              "last_value")
+    HEADER = (
+        "issued_at",
+        "timestamp",
+        "key",
+        "target",
+        "step",
+        "prediction",
+        "truth",
+        "last_value",
+    )
 
     def __init__(self, path: str | Path, *, append: bool = False):
         self.path = Path(path)
@@ -177,11 +198,18 @@ class CSVPredictionSink(PredictionSink):
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         for p in predictions:
-            writer.writerow((
-                _cell(p.issued_at), _cell(p.timestamp), p.key or "", p.target, p.step,
-                repr(p.prediction), "" if math.isnan(p.truth) else repr(p.truth),
-                repr(p.last_value),
-            ))
+            writer.writerow(
+                (
+                    _cell(p.issued_at),
+                    _cell(p.timestamp),
+                    p.key or "",
+                    p.target,
+                    p.step,
+                    repr(p.prediction),
+                    "" if math.isnan(p.truth) else repr(p.truth),
+                    repr(p.last_value),
+                )
+            )
         self._file.write(buffer.getvalue())
 
     def flush(self) -> None:

@@ -57,8 +57,14 @@ class FreshStartAdapter(Adapter):
         support_x: torch.Tensor,
         support_y: torch.Tensor,
     ) -> Proposal:
-        fresh = OnlineLearner(live.config, live.n_inputs, live.lookback, live.horizon,
-                              live.target_index, device=live.device)
+        fresh = OnlineLearner(
+            live.config,
+            live.n_inputs,
+            live.lookback,
+            live.horizon,
+            live.target_index,
+            device=live.device,
+        )
         for _ in range(self.epochs):
             for x, y in zip(support_x, support_y, strict=True):
                 fresh.learn(x[None], y[None])
@@ -81,7 +87,9 @@ def build_adapters(scenario: Scenario) -> list[Adapter]:
     adapters = []
     for name in scenario.adaptation.adapters:
         if name not in factories:
-            raise ConfigError(f"option 'adaptation.adapters': unknown adapter '{name}'"
-                              f"{suggest(name, factories)}; available: {', '.join(factories)}")
+            raise ConfigError(
+                f"option 'adaptation.adapters': unknown adapter '{name}'"
+                f"{suggest(name, factories)}; available: {', '.join(factories)}"
+            )
         adapters.append(factories[name](scenario))
     return adapters

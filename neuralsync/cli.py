@@ -17,8 +17,12 @@ from rich.table import Table
 from neuralsync.config import Scenario, load_scenario, parse_override
 from neuralsync.errors import ConfigError, NeuralSyncError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Online continual adaptation for streaming time series.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Online continual adaptation for streaming time series.",
+)
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,8 +59,10 @@ def _scenario_for(name: str | None, resume: Path | None, overrides: dict[str, An
             raise ConfigError(f"{resume}: no scenario.json here; is this a replay's --out folder?")
         scenario = Scenario.model_validate_json(saved.read_text(encoding="utf-8"))
         if overrides:
-            raise ConfigError("--resume continues a run with its own settings; options that "
-                              f"change them are not allowed ({', '.join(overrides)})")
+            raise ConfigError(
+                "--resume continues a run with its own settings; options that "
+                f"change them are not allowed ({', '.join(overrides)})"
+            )
         return scenario
     return load_scenario(resolve_scenario(name or "default"), overrides)
 
@@ -64,49 +70,85 @@ def _scenario_for(name: str | None, resume: Path | None, overrides: dict[str, An
 @app.command()
 @_user_errors
 def replay(
-    scenario: Annotated[str | None, typer.Argument(
-        help="Scenario YAML, or the name of a bundled one (see `neuralsync scenarios`).")] = None,
+    scenario: Annotated[
+        str | None,
+        typer.Argument(
+            help="Scenario YAML, or the name of a bundled one (see `neuralsync scenarios`)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/NAME].")] = None,
-    resume: Annotated[Path | None, typer.Option(
-        help="Continue the stopped run in this directory from its last checkpoint.")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override any option: KEY=VALUE, "
-                                            "e.g. --set model.lr=0.05 (repeatable).")] = [],  # noqa: B006
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the stopped run in this directory from its last checkpoint."),
+    ] = None,
+    set_: Annotated[
+        list[str],
+        typer.Option(
+            "--set", help="Override any option: KEY=VALUE, e.g. --set model.lr=0.05 (repeatable)."
+        ),
+    ] = [],  # noqa: B006
     lookback: Annotated[int | None, typer.Option(help="Rows in the input window.")] = None,
     horizon: Annotated[int | None, typer.Option(help="Steps ahead to forecast.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     model: Annotated[str | None, typer.Option(help="Model type: mlp or linear.")] = None,
-    detector: Annotated[str | None, typer.Option(
-        help="Regime detector: adwin, page_hinkley, kswin or none.")] = None,
+    detector: Annotated[
+        str | None, typer.Option(help="Regime detector: adwin, page_hinkley, kswin or none.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    limit: Annotated[int | None, typer.Option(
-        help="Stop after this many rows (checkpointed; continue with --resume).")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Stop after this many rows (checkpointed; continue with --resume)."),
+    ] = None,
     report: Annotated[bool, typer.Option(help="Draw report.png.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Replay a scenario through the live model; write metrics, events, predictions, report."""
     from neuralsync.replay import replay as run_replay
 
-    named = {"lookback": lookback, "horizon": horizon, "seed": seed, "model.type": model,
-             "detector.type": detector, "device": device}
+    named = {
+        "lookback": lookback,
+        "horizon": horizon,
+        "seed": seed,
+        "model.type": model,
+        "detector.type": detector,
+        "device": device,
+    }
     config = _scenario_for(scenario, resume, _overrides(set_, **named))
     out_dir = resume or out or Path("runs") / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scenario.json").write_text(config.model_dump_json(indent=2) + "\n")
     console.print(f"replaying [bold]{config.name}[/] → {out_dir}", highlight=False)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("rows"), TimeElapsedColumn(), console=console,
-                  disable=not progress, transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+        transient=False,
+    ) as bar:
         task = bar.add_task(config.name, total=None)
 
         def advance(done: int, total: int | None) -> None:
             bar.update(task, completed=done, total=total)
 
-        metrics = run_replay(config, out_dir, resume=resume is not None, limit=limit,
-                             progress=advance, report=report, handle_signals=True)
+        metrics = run_replay(
+            config,
+            out_dir,
+            resume=resume is not None,
+            limit=limit,
+            progress=advance,
+            report=report,
+            handle_signals=True,
+        )
     _print_summary(metrics, out_dir)
     if not metrics["completed"]:
-        console.print(f"stopped at row {metrics['rows']}; continue with "
-                      f"[bold]neuralsync replay --resume {out_dir}[/]", highlight=False)
+        console.print(
+            f"stopped at row {metrics['rows']}; continue with "
+            f"[bold]neuralsync replay --resume {out_dir}[/]",
+            highlight=False,
+        )
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -119,8 +161,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
     out = Console()
-    table = Table(title=f"{metrics['name']}: {metrics['rows']} rows, "
-                  f"{metrics['n_predictions']} scored forecasts")
+    table = Table(
+        title=f"{metrics['name']}: {metrics['rows']} rows, "
+        f"{metrics['n_predictions']} scored forecasts"
+    )
     table.add_column("metric")
     table.add_column("model", justify="right")
     table.add_column("last value", justify="right")
@@ -131,14 +175,20 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
     lines = [f"regime changes detected: {len(metrics['regime_changes'])}"]
     if "detection" in metrics:
         d = metrics["detection"]
-        lines.append(f"true change points: {d['true_change_points']}, detected {d['detected']}, "
-                     f"missed {d['missed']}, false alarms {d['false_alarms']}, "
-                     f"mean delay {_fmt(d['mean_delay'])} rows")
-    lines.append(f"bad records: {metrics['bad_records']}, dropped rows: "
-                 f"{metrics['missing']['dropped_rows']}, filled cells: "
-                 f"{metrics['missing']['filled_cells']}, swaps: {metrics['swaps']}")
-    lines.append(f"{_fmt(metrics['events_per_second'], 5)} rows/s on {metrics['device']}; "
-                 f"outputs in {out_dir}")
+        lines.append(
+            f"true change points: {d['true_change_points']}, detected {d['detected']}, "
+            f"missed {d['missed']}, false alarms {d['false_alarms']}, "
+            f"mean delay {_fmt(d['mean_delay'])} rows"
+        )
+    lines.append(
+        f"bad records: {metrics['bad_records']}, dropped rows: "
+        f"{metrics['missing']['dropped_rows']}, filled cells: "
+        f"{metrics['missing']['filled_cells']}, swaps: {metrics['swaps']}"
+    )
+    lines.append(
+        f"{_fmt(metrics['events_per_second'], 5)} rows/s on {metrics['device']}; "
+        f"outputs in {out_dir}"
+    )
     for line in lines:
         out.print(line, highlight=False)
     per_key = metrics.get("per_key")
@@ -147,8 +197,13 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
         for column in ("key", "forecasts", "mse", "last-value mse", "directional acc."):
             keys.add_column(column, justify="right")
         for key, m in list(per_key.items())[:20]:
-            keys.add_row(key, str(m["n_predictions"]), _fmt(m["mse"]),
-                         _fmt(m["baseline_last_value"]["mse"]), _fmt(m["directional_accuracy"]))
+            keys.add_row(
+                key,
+                str(m["n_predictions"]),
+                _fmt(m["mse"]),
+                _fmt(m["baseline_last_value"]["mse"]),
+                _fmt(m["directional_accuracy"]),
+            )
         out.print(keys)
 
 
@@ -180,9 +235,17 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="A replay's run directo
 
     snapshot = CheckpointStore(run_dir / "checkpoints").latest()
     pipeline = snapshot["pipeline"]
-    typer.echo(json.dumps({"path": snapshot["path"], "position": pipeline["position"],
-                           "keys": len(pipeline["series"]),
-                           "state_digest": state_digest(pipeline)}, indent=2))
+    typer.echo(
+        json.dumps(
+            {
+                "path": snapshot["path"],
+                "position": pipeline["position"],
+                "keys": len(pipeline["series"]),
+                "state_digest": state_digest(pipeline),
+            },
+            indent=2,
+        )
+    )
 
 
 def main() -> None:

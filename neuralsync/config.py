@@ -319,5 +319,7 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     try:
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe_validation_error(exc, str(path), _yaml_key_lines(text))) from None
+        raise ConfigError(
+            _describe_validation_error(exc, str(path), _yaml_key_lines(text))
+        ) from None
     return scenario.resolve_paths(path.parent)

@@ -1,4 +1,7 @@
-"""Structured events: every decision the pipeline takes, as one JSON object with stream and wall time."""
+"""Structured events: every decision the pipeline takes, as one JSON object.
+
+Each event carries the stream time it refers to and the wall time it was taken at.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ def format_stream_time(timestamp: float | int | None, kind: str) -> str | float 
     if timestamp is None:
         return None
     if kind == "datetime":
-        return dt.datetime.fromtimestamp(int(timestamp) / 1e9, tz=dt.UTC).replace(
-            tzinfo=None
-        ).isoformat()
+        return (
+            dt.datetime.fromtimestamp(int(timestamp) / 1e9, tz=dt.UTC)
+            .replace(tzinfo=None)
+            .isoformat()
+        )
     return float(timestamp)
 
 

@@ -78,8 +78,9 @@ def match_detections(
     """Match detections to true change points: the first detection within ``tolerance`` rows
     after a change point is its detection; every other detection is a false alarm.
 
-    >>> match_detections([100, 500], [90, 130, 140, 900], tolerance=100)
-    {'true_change_points': 2, 'detected': 1, 'missed': 1, 'false_alarms': 3, 'delays': [30, None], 'mean_delay': 30.0}
+    >>> result = match_detections([100, 500], [90, 130, 140, 900], tolerance=100)
+    >>> result["detected"], result["false_alarms"], result["delays"]
+    (1, 3, [30, None])
 
     """
     delays: list[int | None] = []

@@ -1,4 +1,7 @@
-"""Forecasting networks over a lookback window: ``(batch, lookback, inputs) → (batch, horizon, targets)``."""
+"""Forecasting networks over a lookback window.
+
+Every network maps ``(batch, lookback, inputs)`` to ``(batch, horizon, targets)``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The streaming pipeline: window → forecast → wait for the truth → score → learn → watch the regime.
+"""The streaming pipeline.
+
+window → forecast → wait for the truth → score → learn → watch the regime.
 
 One :class:`Pipeline` turns batches of rows into forecasts, one row at a time, in stream
 order, and keeps the contracts of DESIGN.md:
@@ -50,13 +52,19 @@ class _Pending:
     truth: np.ndarray  # (horizon, targets) raw, NaN until observed
 
     def to_state(self) -> dict[str, Any]:
-        return {k: (torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
-                for k, v in vars(self).items()}
+        return {
+            k: (torch.from_numpy(v.copy()) if isinstance(v, np.ndarray) else v)
+            for k, v in vars(self).items()
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> _Pending:
-        return cls(**{k: (v.numpy().copy() if isinstance(v, torch.Tensor) else v)
-                      for k, v in state.items()})
+        return cls(
+            **{
+                k: (v.numpy().copy() if isinstance(v, torch.Tensor) else v)
+                for k, v in state.items()
+            }
+        )
 
 
 class _SeriesState:
@@ -82,8 +90,9 @@ class _SeriesState:
             "window": torch.from_numpy(self.window.copy()),
             "rows": self.rows,
             "last_timestamp": self.last_timestamp,
-            "last_values": None if self.last_values is None else torch.from_numpy(
-                self.last_values.copy()),
+            "last_values": None
+            if self.last_values is None
+            else torch.from_numpy(self.last_values.copy()),
             "scaler": self.scaler.state_dict(),
             "detector": self.detector.state_dict(),
             "pending": [p.to_state() for p in self.pending],
@@ -119,8 +128,9 @@ class _CanaryGate(Gate):
             if accepted
             else "candidate does not beat the live model on the canary window"
         )
-        return GateDecision(accepted, reason, {"candidate_mse": candidate, "live_mse": live,
-                                               "margin": self.margin})
+        return GateDecision(
+            accepted, reason, {"candidate_mse": candidate, "live_mse": live, "margin": self.margin}
+        )
 
 
 class Pipeline:
@@ -187,8 +197,9 @@ class Pipeline:
         self.detections_: list[dict[str, Any]] = []
         self._learn_buffer: list[tuple[np.ndarray, np.ndarray]] = []
         memory = scenario.adaptation.support_size + scenario.adaptation.canary_size
-        self._recent: collections.deque[tuple[np.ndarray, np.ndarray, float]] = (
-            collections.deque(maxlen=memory))
+        self._recent: collections.deque[tuple[np.ndarray, np.ndarray, float]] = collections.deque(
+            maxlen=memory
+        )
         self._column_map: np.ndarray | None = None
         self._columns: list[str] | None = None
         self._change_points = None
@@ -245,20 +256,30 @@ class Pipeline:
     def _emit(self, kind: str, **data: Any) -> None:
         self.events.emit(Event(kind, self.position_, self._stream_time(self.stream_time_), data))
 
-    def _bad_record(self, batch: Batch, i: int, reason: str, column: str | None = None,
-                    error: type[DataError] = DataError, raw: str | None = None) -> None:
+    def _bad_record(
+        self,
+        batch: Batch,
+        i: int,
+        reason: str,
+        column: str | None = None,
+        error: type[DataError] = DataError,
+        raw: str | None = None,
+    ) -> None:
         origin = batch.origin(i, column)
         if self.scenario.bad_records == "error":
             raise error(
                 f"{reason} (set bad_records: dead_letter in the scenario to set such rows "
-                "aside and go on)", origin)
+                "aside and go on)",
+                origin,
+            )
         self.counts_["bad_records"] += 1
         if raw is None:
             raw = ",".join(str(v) for v in batch.values[i])
         self._emit("bad_record", origin=origin, reason=reason, raw=raw)
 
-    def _process_row(self, batch: Batch, i: int, key: str, timestamp: Any, row: np.ndarray,
-                     out: list[Prediction]) -> None:
+    def _process_row(
+        self, batch: Batch, i: int, key: str, timestamp: Any, row: np.ndarray, out: list[Prediction]
+    ) -> None:
         if i in batch.errors:
             reason, raw = batch.errors[i]
             self._bad_record(batch, i, reason, raw=raw)
@@ -269,10 +290,13 @@ class Pipeline:
         if state.last_timestamp is not None and timestamp <= state.last_timestamp:
             what = "duplicate" if timestamp == state.last_timestamp else "out-of-order"
             self._bad_record(
-                batch, i,
+                batch,
+                i,
                 f"{what} timestamp {self._stream_time(timestamp)} for key '{key}': expected a "
                 f"time after {self._stream_time(state.last_timestamp)}",
-                column=self.scenario.timestamp, error=StreamOrderError)
+                column=self.scenario.timestamp,
+                error=StreamOrderError,
+            )
             return
         if not np.isfinite(row).all():
             row = self._handle_non_finite(batch, i, state, row)
@@ -289,13 +313,18 @@ class Pipeline:
         if state.rows >= self.scenario.lookback:
             self._issue_forecast(state, timestamp)
 
-    def _handle_non_finite(self, batch: Batch, i: int, state: _SeriesState,
-                           row: np.ndarray) -> np.ndarray | None:
+    def _handle_non_finite(
+        self, batch: Batch, i: int, state: _SeriesState, row: np.ndarray
+    ) -> np.ndarray | None:
         infinite = np.isinf(row)
         if infinite.any():
             column = self.inputs[int(np.argmax(infinite))]
-            self._bad_record(batch, i, f"infinite value {row[infinite][0]} in column '{column}'; "
-                             "expected a finite number", column=column)
+            self._bad_record(
+                batch,
+                i,
+                f"infinite value {row[infinite][0]} in column '{column}'; expected a finite number",
+                column=column,
+            )
             return None
         missing = np.isnan(row)
         column = self.inputs[int(np.argmax(missing))]
@@ -304,7 +333,8 @@ class Pipeline:
             raise DataError(
                 f"missing value in column '{column}'; expected a number (set missing: drop or "
                 "missing: ffill in the scenario to skip or fill such cells)",
-                batch.origin(i, column))
+                batch.origin(i, column),
+            )
         if policy == "ffill" and state.last_values is not None:
             self.counts_["filled_cells"] += int(missing.sum())
             return np.where(missing, state.last_values, row)
@@ -318,8 +348,9 @@ class Pipeline:
             if self.change_point_positions_[j] is None and timestamp >= change:
                 self.change_point_positions_[j] = self.position_
 
-    def _observe_truths(self, state: _SeriesState, key: str, row: np.ndarray,
-                        out: list[Prediction]) -> None:
+    def _observe_truths(
+        self, state: _SeriesState, key: str, row: np.ndarray, out: list[Prediction]
+    ) -> None:
         horizon = self.scenario.horizon
         truth_now = row[self.target_index]
         for pending in state.pending:
@@ -332,9 +363,18 @@ class Pipeline:
                 value, truth, last = float(forecast[t]), float(truth_now[t]), float(pending.last[t])
                 self.metrics_.update(value, truth, last)
                 state.metrics.update(value, truth, last)
-                out.append(Prediction(self._stream_time(pending.issued_at),
-                                      self._stream_time(state.last_timestamp), key or None,
-                                      target, step, value, truth, last))
+                out.append(
+                    Prediction(
+                        self._stream_time(pending.issued_at),
+                        self._stream_time(state.last_timestamp),
+                        key or None,
+                        target,
+                        step,
+                        value,
+                        truth,
+                        last,
+                    )
+                )
             if step == 1:
                 normalised = (truth_now - pending.center) / pending.scale
                 error = float(np.abs(pending.forecast[0] - normalised).mean())
@@ -350,10 +390,19 @@ class Pipeline:
         forecast = self.learner.predict(window[None])[0]
         center = state.scaler.center[self.target_index].copy()
         scale = state.scaler.std[self.target_index].copy()
-        state.pending.append(_Pending(
-            row=state.rows, position=self.position_, issued_at=timestamp, window=window,
-            center=center, scale=scale, last=state.last_values[self.target_index].copy(),
-            forecast=forecast, truth=np.full_like(forecast, np.nan, dtype=np.float64)))
+        state.pending.append(
+            _Pending(
+                row=state.rows,
+                position=self.position_,
+                issued_at=timestamp,
+                window=window,
+                center=center,
+                scale=scale,
+                last=state.last_values[self.target_index].copy(),
+                forecast=forecast,
+                truth=np.full_like(forecast, np.nan, dtype=np.float64),
+            )
+        )
         self.counts_["forecasts"] += 1
 
     def _learn_from(self, pending: _Pending) -> None:
@@ -368,26 +417,42 @@ class Pipeline:
             loss = self.learner.learn(windows, targets)
             if not np.isfinite(loss):
                 self.counts_["skipped_steps"] += 1
-                self._emit("learn_skipped", reason="loss or gradient not finite; step rolled back",
-                           loss=loss)
+                self._emit(
+                    "learn_skipped",
+                    reason="loss or gradient not finite; step rolled back",
+                    loss=loss,
+                )
 
     # -- adaptation -------------------------------------------------------------------------
 
     def _on_regime_change(self, key: str) -> None:
-        detection = {"position": self.position_,
-                     "stream_time": self._stream_time(self.stream_time_), "key": key or None}
+        detection = {
+            "position": self.position_,
+            "stream_time": self._stream_time(self.stream_time_),
+            "key": key or None,
+        }
         self.detections_.append(detection)
         self._emit("regime_change", key=key or None, detector=self.scenario.detector.type)
         if self.adapters:
-            self._adapt(RegimeChange(self.position_, detection["stream_time"], key or None,
-                                     self.scenario.detector.type))
+            self._adapt(
+                RegimeChange(
+                    self.position_,
+                    detection["stream_time"],
+                    key or None,
+                    self.scenario.detector.type,
+                )
+            )
 
     def _adapt(self, change: RegimeChange) -> None:
         canary_size = self.scenario.adaptation.canary_size
         if len(self._recent) < canary_size + 1:
-            self._emit("adaptation_skipped", reason=(
-                f"{len(self._recent)} labelled samples since the start; the canary check needs "
-                f"more than {canary_size}"))
+            self._emit(
+                "adaptation_skipped",
+                reason=(
+                    f"{len(self._recent)} labelled samples since the start; the canary check needs "
+                    f"more than {canary_size}"
+                ),
+            )
             return
         samples = list(self._recent)
         support, canary = samples[:-canary_size], samples[-canary_size:]
@@ -402,11 +467,22 @@ class Pipeline:
                 continue
             self._offer(proposal, live_errors, canary_x, canary_y)
 
-    def _offer(self, proposal: Proposal, live_errors: torch.Tensor, canary_x: torch.Tensor,
-               canary_y: torch.Tensor) -> None:
+    def _offer(
+        self,
+        proposal: Proposal,
+        live_errors: torch.Tensor,
+        canary_x: torch.Tensor,
+        canary_y: torch.Tensor,
+    ) -> None:
         decision = self.gate.decide(proposal, live_errors, canary_x, canary_y)
-        self._emit("gate_decision", source=proposal.source, accepted=decision.accepted,
-                   reason=decision.reason, **decision.figures, **proposal.details)
+        self._emit(
+            "gate_decision",
+            source=proposal.source,
+            accepted=decision.accepted,
+            reason=decision.reason,
+            **decision.figures,
+            **proposal.details,
+        )
         if not decision.accepted:
             return
         # The canary samples are past data the new model has not seen: learn them now, in order.
@@ -428,10 +504,18 @@ class Pipeline:
                     if not np.isnan(pending.truth[step - 1]).any():
                         continue
                     for t, target in enumerate(self.targets):
-                        out.append(Prediction(self._stream_time(pending.issued_at), None,
-                                              key or None, target, step,
-                                              float(forecast[step - 1, t]), float("nan"),
-                                              float(pending.last[t])))
+                        out.append(
+                            Prediction(
+                                self._stream_time(pending.issued_at),
+                                None,
+                                key or None,
+                                target,
+                                step,
+                                float(forecast[step - 1, t]),
+                                float("nan"),
+                                float(pending.last[t]),
+                            )
+                        )
         return out
 
     def metrics(self) -> dict[str, Any]:
@@ -441,9 +525,11 @@ class Pipeline:
         summary["forecasts"] = self.counts_["forecasts"]
         summary["regime_changes"] = [d["stream_time"] for d in self.detections_]
         summary["regime_change_keys"] = [d["key"] for d in self.detections_]
-        summary["missing"] = {"policy": self.scenario.missing,
-                              "dropped_rows": self.counts_["dropped_rows"],
-                              "filled_cells": self.counts_["filled_cells"]}
+        summary["missing"] = {
+            "policy": self.scenario.missing,
+            "dropped_rows": self.counts_["dropped_rows"],
+            "filled_cells": self.counts_["filled_cells"],
+        }
         summary["bad_records"] = self.counts_["bad_records"]
         summary["learn_steps"] = self.learner.steps_
         summary["skipped_steps"] = self.counts_["skipped_steps"]
@@ -452,8 +538,11 @@ class Pipeline:
             summary["per_key"] = {k: s.metrics.summary() for k, s in sorted(self.series.items())}
         if self._change_points is not None:
             reached = [p for p in self.change_point_positions_ if p is not None]
-            detection = match_detections(reached, [d["position"] for d in self.detections_],
-                                         self.scenario.change_point_tolerance)
+            detection = match_detections(
+                reached,
+                [d["position"] for d in self.detections_],
+                self.scenario.change_point_tolerance,
+            )
             detection["tolerance_rows"] = self.scenario.change_point_tolerance
             summary["detection"] = detection
         return summary
@@ -473,8 +562,9 @@ class Pipeline:
             "counts": dict(self.counts_),
             "detections": list(self.detections_),
             "change_point_positions": list(self.change_point_positions_),
-            "learn_buffer": [(torch.from_numpy(w), torch.from_numpy(t))
-                             for w, t in self._learn_buffer],
+            "learn_buffer": [
+                (torch.from_numpy(w), torch.from_numpy(t)) for w, t in self._learn_buffer
+            ],
             "recent": [(torch.from_numpy(w), torch.from_numpy(t), e) for w, t, e in self._recent],
             "adapters": {a.name: a.state_dict() for a in self.adapters},
             "rng": {
@@ -508,9 +598,13 @@ class Pipeline:
 
 
 def _numpy_rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _set_numpy_rng_state(state: dict[str, Any]) -> None:

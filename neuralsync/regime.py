@@ -80,7 +80,8 @@ class RegimeDetector:
     >>> import random
     >>> rng = random.Random(7)
     >>> detector = RegimeDetector(DetectorConfig(type="adwin", cooldown=0))
-    >>> errors = [rng.gauss(0.1, 0.02) for _ in range(500)] + [rng.gauss(0.5, 0.02) for _ in range(500)]
+    >>> calm = [rng.gauss(0.1, 0.02) for _ in range(500)]
+    >>> errors = calm + [rng.gauss(0.5, 0.02) for _ in range(500)]
     >>> [i for i, e in enumerate(errors) if detector.update(e)]
     [543]
 

@@ -32,4 +32,6 @@ def load_plugin(group: str, name: str) -> Any:
             return ep.load()
     names = plugin_names(group)
     installed = ", ".join(names) if names else "none (is neuralsync installed? pip install -e .)"
-    raise ConfigError(f"no plugin '{name}' in {group}{suggest(name, names)}; installed: {installed}")
+    raise ConfigError(
+        f"no plugin '{name}' in {group}{suggest(name, names)}; installed: {installed}"
+    )

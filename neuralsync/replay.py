@@ -76,8 +76,15 @@ class ReplayRun:
 
     """
 
-    def __init__(self, scenario: Scenario, out_dir: str | Path, *, resume: bool = False,
-                 source: Source | None = None, sink: PredictionSink | None = None):
+    def __init__(
+        self,
+        scenario: Scenario,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        source: Source | None = None,
+        sink: PredictionSink | None = None,
+    ):
         self.scenario = scenario
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +101,8 @@ class ReplayRun:
                 stale.unlink()
         append = snapshot is not None
         self.sink = sink or load_plugin("neuralsync.sinks", "csv")(
-            self.out_dir / "predictions.csv", append=append)
+            self.out_dir / "predictions.csv", append=append
+        )
         self.events = _JsonLines(self.out_dir / "events.jsonl", append=append)
         self.dead_letters = _JsonLines(self.out_dir / "dead_letter.jsonl", append=append)
         if snapshot is not None:
@@ -110,9 +118,14 @@ class ReplayRun:
     def _csv_source(self) -> Source:
         s = self.scenario
         return load_plugin("neuralsync.sources", "csv")(
-            s.csv, timestamp=s.timestamp, columns=s.inputs, key=s.key,
-            timestamp_format=s.timestamp_format, chunk_size=s.chunk_size,
-            realtime_factor=s.realtime_factor)
+            s.csv,
+            timestamp=s.timestamp,
+            columns=s.inputs,
+            key=s.key,
+            timestamp_format=s.timestamp_format,
+            chunk_size=s.chunk_size,
+            realtime_factor=s.realtime_factor,
+        )
 
     def _restore(self) -> dict[str, Any] | None:
         try:
@@ -121,12 +134,14 @@ class ReplayRun:
             if not self.store.paths():
                 raise CheckpointError(
                     f"{self.store.directory}: nothing to resume from; run without --resume "
-                    "to start afresh") from None
+                    "to start afresh"
+                ) from None
             raise
         if snapshot["scenario"] != self.scenario.fingerprint():
             raise CheckpointError(
                 f"{snapshot['path']}: written by a run with different settings; resume with "
-                "the same scenario and options, or start a new run in another directory")
+                "the same scenario and options, or start a new run in another directory"
+            )
         self.pipeline.load_state_dict(snapshot["pipeline"])
         self.source.seek(self.pipeline.position_)
         return snapshot
@@ -139,8 +154,9 @@ class ReplayRun:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self, limit: int | None = None, progress: ProgressCallback | None = None
-            ) -> dict[str, Any]:
+    def run(
+        self, limit: int | None = None, progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
         """Replay until the end of the stream, ``limit`` rows in all, or a stop request.
 
         Returns the metrics (also written to ``metrics.json``). ``metrics["completed"]`` says
@@ -196,32 +212,47 @@ class ReplayRun:
         """
         position = self.pipeline.position_
         path = self.store.directory / f"state-{position:012d}.pt"
-        self.pipeline.events.emit(Event("checkpoint", position,
-                                        format_stream_time(self.pipeline.stream_time_,
-                                                           self.pipeline.time_kind),
-                                        {"path": str(path)}))
+        self.pipeline.events.emit(
+            Event(
+                "checkpoint",
+                position,
+                format_stream_time(self.pipeline.stream_time_, self.pipeline.time_kind),
+                {"path": str(path)},
+            )
+        )
         for sink in (self.sink, self.events, self.dead_letters):
             sink.flush()
-        sinks = {"predictions": self.sink.position(), "events": self.events.position(),
-                 "dead_letter": self.dead_letters.position()}
-        return self.store.save({"scenario": self.scenario.fingerprint(), "sinks": sinks,
-                                "pipeline": self.pipeline.state_dict()}, position)
+        sinks = {
+            "predictions": self.sink.position(),
+            "events": self.events.position(),
+            "dead_letter": self.dead_letters.position(),
+        }
+        return self.store.save(
+            {
+                "scenario": self.scenario.fingerprint(),
+                "sinks": sinks,
+                "pipeline": self.pipeline.state_dict(),
+            },
+            position,
+        )
 
     def _finish(self, completed: bool) -> dict[str, Any]:
         metrics = self.pipeline.metrics()
         kind = self.pipeline.time_kind
-        metrics.update({
-            "name": self.scenario.name,
-            "completed": completed,
-            "horizon": self.scenario.horizon,
-            "lookback": self.scenario.lookback,
-            "label_delay": self.scenario.effective_label_delay,
-            "device": str(self.pipeline.device),
-            "rows_this_run": self.rows_this_run,
-            "wall_seconds": self.seconds_this_run,
-            "events_per_second": self.rows_this_run / max(self.seconds_this_run, 1e-9),
-            "state_digest": state_digest(self.pipeline.state_dict()),
-        })
+        metrics.update(
+            {
+                "name": self.scenario.name,
+                "completed": completed,
+                "horizon": self.scenario.horizon,
+                "lookback": self.scenario.lookback,
+                "label_delay": self.scenario.effective_label_delay,
+                "device": str(self.pipeline.device),
+                "rows_this_run": self.rows_this_run,
+                "wall_seconds": self.seconds_this_run,
+                "events_per_second": self.rows_this_run / max(self.seconds_this_run, 1e-9),
+                "state_digest": state_digest(self.pipeline.state_dict()),
+            }
+        )
         if self.change_points is not None:
             metrics["change_points"] = [format_stream_time(t, kind) for t in self.change_points]
         for sink in (self.sink, self.events, self.dead_letters):
@@ -245,9 +276,16 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def replay(scenario: Scenario, out_dir: str | Path, *, resume: bool = False,
-           limit: int | None = None, progress: ProgressCallback | None = None,
-           report: bool = True, handle_signals: bool = False) -> dict[str, Any]:
+def replay(
+    scenario: Scenario,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    limit: int | None = None,
+    progress: ProgressCallback | None = None,
+    report: bool = True,
+    handle_signals: bool = False,
+) -> dict[str, Any]:
     """Replay ``scenario`` into ``out_dir`` and return its metrics.
 
     With ``handle_signals``, SIGINT and SIGTERM finish the current slice, checkpoint and
@@ -273,4 +311,3 @@ def replay(scenario: Scenario, out_dir: str | Path, *, resume: bool = False,
 
         write_report(Path(out_dir))
     return metrics
-

@@ -64,8 +64,9 @@ def _parse_time(value: Any, origin: str) -> int | float:
     try:
         return int(pd.Timestamp(value).tz_localize(None).value)
     except (ValueError, TypeError):
-        raise ConfigError(f"{origin}: change point {value!r} is neither a number nor a date"
-                          ) from None
+        raise ConfigError(
+            f"{origin}: change point {value!r} is neither a number nor a date"
+        ) from None
 
 
 def load_change_points(scenario: Scenario) -> list[int | float] | None:
@@ -89,8 +90,10 @@ def load_change_points(scenario: Scenario) -> list[int | float] | None:
     if isinstance(spec, dict):
         spec = spec.get("change_points")
     if not isinstance(spec, list):
-        raise ConfigError(f"{origin}: expected a list of change points or "
-                          '{"change_points": [{"timestamp": ...}, ...]}')
+        raise ConfigError(
+            f"{origin}: expected a list of change points or "
+            '{"change_points": [{"timestamp": ...}, ...]}'
+        )
     times = []
     for entry in spec:
         value = entry.get("timestamp") if isinstance(entry, dict) else entry

@@ -32,8 +32,9 @@ def _numeric_column(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return values, present & np.isnan(values)
 
 
-def _parse_timestamps(cells: pd.Series, time_kind: str | None, fmt: str | None
-                      ) -> tuple[np.ndarray, np.ndarray, str]:
+def _parse_timestamps(
+    cells: pd.Series, time_kind: str | None, fmt: str | None
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Timestamps as int64 ns (datetimes) or float64 (numbers), a mask of unparseable cells,
     and the time kind (decided on the first batch and kept for the whole stream)."""
     if time_kind is None:
@@ -86,21 +87,39 @@ def frame_to_batch(
         return ",".join("" if pd.isna(v) else str(v) for v in frame.iloc[i].tolist())
 
     times, bad_times, time_kind = _parse_timestamps(frame[timestamp], time_kind, timestamp_format)
-    expected = f"format {timestamp_format!r}" if timestamp_format else (
-        "a number" if time_kind == "number" else "a date and time")
+    expected = (
+        f"format {timestamp_format!r}"
+        if timestamp_format
+        else ("a number" if time_kind == "number" else "a date and time")
+    )
     for i in np.flatnonzero(bad_times):
         cell = frame[timestamp].iloc[i]
-        errors[int(i)] = (f"cannot read timestamp {cell!r} in column '{timestamp}'; "
-                          f"expected {expected}", raw(int(i)))
+        errors[int(i)] = (
+            f"cannot read timestamp {cell!r} in column '{timestamp}'; expected {expected}",
+            raw(int(i)),
+        )
     for j, column in enumerate(columns):
         values[:, j], bad = _numeric_column(frame[column])
         for i in np.flatnonzero(bad):
-            errors.setdefault(int(i), (
-                f"non-numeric value {frame[column].iloc[i]!r} in column '{column}'; "
-                "expected a number", raw(int(i))))
+            errors.setdefault(
+                int(i),
+                (
+                    f"non-numeric value {frame[column].iloc[i]!r} in column '{column}'; "
+                    "expected a number",
+                    raw(int(i)),
+                ),
+            )
     keys = None if key is None else frame[key].astype(str).to_numpy(dtype=object)
-    return Batch(columns=list(columns), values=values, timestamps=times, keys=keys,
-                 origins=origins, errors=errors, source_name=source_name, time_kind=time_kind)
+    return Batch(
+        columns=list(columns),
+        values=values,
+        timestamps=times,
+        keys=keys,
+        origins=origins,
+        errors=errors,
+        source_name=source_name,
+        time_kind=time_kind,
+    )
 
 
 def check_columns(available: Sequence[str], wanted: Sequence[str], where: str) -> None:
@@ -109,7 +128,8 @@ def check_columns(available: Sequence[str], wanted: Sequence[str], where: str) -
         if column not in available:
             raise ConfigError(
                 f"{where}: column '{column}' named in the scenario is not in the data"
-                f"{suggest(column, available)}; columns present: {', '.join(available)}")
+                f"{suggest(column, available)}; columns present: {', '.join(available)}"
+            )
 
 
 class DataFrameSource(Source):
@@ -128,9 +148,17 @@ class DataFrameSource(Source):
 
     """
 
-    def __init__(self, frame: pd.DataFrame, *, timestamp: str, columns: Sequence[str],
-                 key: str | None = None, timestamp_format: str | None = None,
-                 chunk_size: int = 4096, name: str = "frame"):
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        *,
+        timestamp: str,
+        columns: Sequence[str],
+        key: str | None = None,
+        timestamp_format: str | None = None,
+        chunk_size: int = 4096,
+        name: str = "frame",
+    ):
         check_columns(list(frame.columns), [timestamp, *columns, *([key] if key else [])], name)
         self.frame = frame
         self.timestamp = timestamp
@@ -150,11 +178,17 @@ class DataFrameSource(Source):
 
     def __iter__(self) -> Iterator[Batch]:
         for start in range(self.position, len(self.frame), self.chunk_size):
-            chunk = self.frame.iloc[start:start + self.chunk_size]
+            chunk = self.frame.iloc[start : start + self.chunk_size]
             batch = frame_to_batch(
-                chunk, timestamp=self.timestamp, columns=self.columns, key=self.key,
-                timestamp_format=self.timestamp_format, time_kind=self.time_kind,
-                origins=np.arange(start, start + len(chunk)), source_name=f"{self.name} row")
+                chunk,
+                timestamp=self.timestamp,
+                columns=self.columns,
+                key=self.key,
+                timestamp_format=self.timestamp_format,
+                time_kind=self.time_kind,
+                origins=np.arange(start, start + len(chunk)),
+                source_name=f"{self.name} row",
+            )
             self.time_kind = batch.time_kind
             self.position = start + len(chunk)
             yield batch
@@ -174,10 +208,17 @@ class IterableSource(Source):
 
     """
 
-    def __init__(self, rows: Iterable[Mapping[str, Any]], *, timestamp: str,
-                 columns: Sequence[str], key: str | None = None,
-                 timestamp_format: str | None = None, batch_size: int = 256,
-                 name: str = "record"):
+    def __init__(
+        self,
+        rows: Iterable[Mapping[str, Any]],
+        *,
+        timestamp: str,
+        columns: Sequence[str],
+        key: str | None = None,
+        timestamp_format: str | None = None,
+        batch_size: int = 256,
+        name: str = "record",
+    ):
         self.rows = rows
         self.timestamp = timestamp
         self.columns = list(columns)
@@ -199,8 +240,10 @@ class IterableSource(Source):
             if index < self.skip:
                 continue
             if not isinstance(row, Mapping):
-                raise DataError(f"expected a mapping of field names to values, got "
-                                f"{type(row).__name__}", f"{self.name} {index}")
+                raise DataError(
+                    f"expected a mapping of field names to values, got {type(row).__name__}",
+                    f"{self.name} {index}",
+                )
             buffer.append(row)
             if len(buffer) == self.batch_size:
                 yield self._batch(buffer, index - len(buffer) + 1, fields)
@@ -209,11 +252,18 @@ class IterableSource(Source):
             yield self._batch(buffer, index - len(buffer) + 1, fields)
 
     def _batch(self, rows: list[Mapping[str, Any]], first: int, fields: list[str]) -> Batch:
-        frame = pd.DataFrame([{f: r.get(f) for f in fields} for r in rows], columns=fields,
-                             dtype=object)
-        batch = frame_to_batch(frame, timestamp=self.timestamp, columns=self.columns,
-                               key=self.key, timestamp_format=self.timestamp_format,
-                               time_kind=self.time_kind,
-                               origins=np.arange(first, first + len(rows)), source_name=self.name)
+        frame = pd.DataFrame(
+            [{f: r.get(f) for f in fields} for r in rows], columns=fields, dtype=object
+        )
+        batch = frame_to_batch(
+            frame,
+            timestamp=self.timestamp,
+            columns=self.columns,
+            key=self.key,
+            timestamp_format=self.timestamp_format,
+            time_kind=self.time_kind,
+            origins=np.arange(first, first + len(rows)),
+            source_name=self.name,
+        )
         self.time_kind = batch.time_kind
         return batch

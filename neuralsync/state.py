@@ -118,7 +118,7 @@ class CheckpointStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"state-{position:012d}.pt"
         save_snapshot(state, path)
-        for old in self.paths()[self.keep:]:
+        for old in self.paths()[self.keep :]:
             old.unlink(missing_ok=True)
         return path
 
