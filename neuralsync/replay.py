@@ -20,7 +20,7 @@ from typing import Any
 from neuralsync.adaptation import build_adapters
 from neuralsync.base import PredictionSink, Source
 from neuralsync.config import Scenario
-from neuralsync.errors import CheckpointError
+from neuralsync.errors import CheckpointError, ConfigError
 from neuralsync.events import Event, format_stream_time
 from neuralsync.pipeline import Pipeline
 from neuralsync.registry import load_plugin
@@ -117,6 +117,11 @@ class ReplayRun:
 
     def _csv_source(self) -> Source:
         s = self.scenario
+        if s.csv is None:
+            raise ConfigError(
+                f"scenario '{s.name}': no `csv` to replay; name the CSV file in the scenario "
+                "or pass a source"
+            )
         return load_plugin("neuralsync.sources", "csv")(
             s.csv,
             timestamp=s.timestamp,

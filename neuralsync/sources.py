@@ -7,13 +7,16 @@ so a bad cell reads the same wherever it came from.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from neuralsync.base import Batch, Source
 from neuralsync.errors import ConfigError, DataError, suggest
+
+if TYPE_CHECKING:
+    from neuralsync.config import Scenario
 
 __all__ = ["MISSING_TOKENS", "DataFrameSource", "IterableSource", "frame_to_batch"]
 
@@ -32,21 +35,33 @@ def _numeric_column(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return values, present & np.isnan(values)
 
 
+def _time_kind(cells: pd.Series, fmt: str | None) -> str:
+    """``"datetime"`` for a datetime column, a given format, or cells that are mostly dates;
+    else ``"number"``. A few unreadable cells do not decide it: they are bad records."""
+    if fmt is not None or pd.api.types.is_datetime64_any_dtype(cells):
+        return "datetime"
+    numbers = pd.to_numeric(cells, errors="coerce")
+    numeric = int(numbers.notna().sum())
+    if numeric == len(cells) or numeric == 0:
+        return "number" if numeric else "datetime"
+    dates = pd.to_datetime(cells[numbers.isna()], format="mixed", errors="coerce", utc=True)
+    return "number" if numeric > int(dates.notna().sum()) else "datetime"
+
+
 def _parse_timestamps(
     cells: pd.Series, time_kind: str | None, fmt: str | None
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Timestamps as int64 ns (datetimes) or float64 (numbers), a mask of unparseable cells,
     and the time kind (decided on the first batch and kept for the whole stream)."""
     if time_kind is None:
-        numbers = pd.to_numeric(cells, errors="coerce")
-        time_kind = "number" if numbers.notna().all() else "datetime"
+        time_kind = _time_kind(cells, fmt)
     if time_kind == "number":
         values = pd.to_numeric(cells, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
         return values, np.isnan(values), time_kind
     if pd.api.types.is_datetime64_any_dtype(cells):
         parsed = cells
     else:
-        parsed = pd.to_datetime(cells, format=fmt or "mixed", errors="coerce")
+        parsed = pd.to_datetime(cells, format=fmt or "mixed", errors="coerce", utc=True)
     if getattr(parsed.dt, "tz", None) is not None:
         parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
     bad = parsed.isna().to_numpy()
@@ -169,6 +184,21 @@ class DataFrameSource(Source):
         self.name = name
         self.position = 0
         self.time_kind: str | None = None
+
+    @classmethod
+    def for_scenario(
+        cls, frame: pd.DataFrame, scenario: Scenario, **options: Any
+    ) -> DataFrameSource:
+        """Read ``frame`` the way ``scenario`` reads its CSV: same columns, key and timestamps."""
+        return cls(
+            frame,
+            timestamp=scenario.timestamp,
+            columns=scenario.inputs,
+            key=scenario.key,
+            timestamp_format=scenario.timestamp_format,
+            name=options.pop("name", scenario.name),
+            **options,
+        )
 
     def seek(self, position: int) -> None:
         self.position = position
