@@ -50,6 +50,9 @@ class ModelConfig(_Strict):
     grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
     #: Samples per SGD step; 1 is plain test-then-train.
     batch_size: Annotated[int, Field(gt=0)] = 1
+    #: Run forecasts and SGD steps on the compiled fast path when the model allows it (see
+    #: ``neuralsync.fast``); false forces the reference torch path.
+    fast_path: bool = True
 
 
 class DetectorConfig(_Strict):
@@ -101,7 +104,9 @@ class Scenario(_Strict):
 
     name: str
     description: str = ""
-    csv: Path
+    #: The CSV that `neuralsync replay` reads; not needed when a DataFrame or other source feeds
+    #: the pipeline directly.
+    csv: Path | None = None
     timestamp: str
     #: strftime format of the timestamp column; inferred when omitted. Numeric columns are
     #: taken as plain numbers (seconds, steps).
@@ -172,7 +177,7 @@ class Scenario(_Strict):
     def resolve_paths(self, base: Path) -> Scenario:
         """Return a copy whose relative paths are taken relative to ``base``."""
         updates: dict[str, Any] = {}
-        if not self.csv.is_absolute():
+        if self.csv is not None and not self.csv.is_absolute():
             updates["csv"] = (base / self.csv).resolve()
         if isinstance(self.change_points, Path) and not self.change_points.is_absolute():
             updates["change_points"] = (base / self.change_points).resolve()
@@ -221,7 +226,10 @@ def _field_names(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
 
 
 def _describe_validation_error(
-    error: ValidationError, origin: str, key_lines: dict[tuple[str, ...], int]
+    error: ValidationError,
+    origin: str,
+    key_lines: dict[tuple[str, ...], int],
+    overridden: frozenset[tuple[str, ...]] = frozenset(),
 ) -> str:
     messages = []
     for item in error.errors():
@@ -230,9 +238,17 @@ def _describe_validation_error(
         line = key_lines.get(path) or key_lines.get(path[:-1])
         if line:
             where = f"{origin}:{line}"
+        from_command_line = any(path[: len(o)] == o for o in overridden)
+        if from_command_line:
+            where = "command line"
         dotted = ".".join(path) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            hint = suggest(path[-1], _field_names(Scenario, path[:-1]))
+        if not path:
+            messages.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+        elif item["type"] == "extra_forbidden":
+            names = _field_names(Scenario, path[:-1])
+            if from_command_line:  # --set takes the dotted name
+                names = [".".join((*path[:-1], name)) for name in names]
+            hint = suggest(dotted if from_command_line else path[-1], names)
             valid = ", ".join(_field_names(Scenario, path[:-1]))
             messages.append(f"{where}: unknown option '{dotted}'{hint}; valid options: {valid}")
         elif item["type"] == "missing":
@@ -320,6 +336,11 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         scenario = Scenario.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(
-            _describe_validation_error(exc, str(path), _yaml_key_lines(text))
+            _describe_validation_error(
+                exc,
+                str(path),
+                _yaml_key_lines(text),
+                frozenset(tuple(k.split(".")) for k in overrides or {}),
+            )
         ) from None
     return scenario.resolve_paths(path.parent)

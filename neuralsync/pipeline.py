@@ -29,6 +29,7 @@ from neuralsync.base import Adapter, Batch, Gate, Prediction, Proposal, RegimeCh
 from neuralsync.config import Scenario
 from neuralsync.errors import ConfigError, DataError, StreamOrderError, suggest
 from neuralsync.events import Event, EventBus, format_stream_time
+from neuralsync.fast import as_fast, live_path, make_learner
 from neuralsync.learner import OnlineLearner, resolve_device
 from neuralsync.metrics import ForecastMetrics, match_detections
 from neuralsync.regime import RegimeDetector
@@ -180,7 +181,7 @@ class Pipeline:
         self.label_delay = scenario.effective_label_delay
         self._rng_seeded = False
         self._seed_everything(scenario.seed)
-        self.learner = OnlineLearner(
+        self.learner = make_learner(
             scenario.model,
             n_inputs=len(self.inputs),
             lookback=scenario.lookback,
@@ -488,9 +489,9 @@ class Pipeline:
         # The canary samples are past data the new model has not seen: learn them now, in order.
         for x, y in zip(canary_x, canary_y, strict=True):
             proposal.learner.learn(x[None], y[None])
-        self.learner = proposal.learner
+        self.learner = as_fast(proposal.learner)
         self.counts_["swaps"] += 1
-        self._emit("swap", source=proposal.source)
+        self._emit("swap", source=proposal.source, live_path=live_path(self.learner))
 
     # -- results ----------------------------------------------------------------------------
 
@@ -532,6 +533,7 @@ class Pipeline:
         }
         summary["bad_records"] = self.counts_["bad_records"]
         summary["learn_steps"] = self.learner.steps_
+        summary["live_path"] = live_path(self.learner)
         summary["skipped_steps"] = self.counts_["skipped_steps"]
         summary["swaps"] = self.counts_["swaps"]
         if self.scenario.key is not None:
@@ -578,7 +580,7 @@ class Pipeline:
         self.position_ = int(state["position"])
         self.stream_time_ = state["stream_time"]
         self.time_kind = state["time_kind"]
-        self.learner = OnlineLearner.from_state_dict(state["learner"], self.device)
+        self.learner = as_fast(OnlineLearner.from_state_dict(state["learner"], self.device))
         self.series = {}
         for key, series_state in state["series"].items():
             series = self.series[key] = _SeriesState(self.scenario, len(self.inputs))
