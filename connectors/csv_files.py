@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -110,7 +111,6 @@ class CSVSource(Source):
             dtype=str,
             keep_default_na=False,
             na_filter=False,
-            usecols=self._wanted(),
             chunksize=self.chunk_size,
             skip_blank_lines=False,
         )
@@ -120,6 +120,9 @@ class CSVSource(Source):
         started: tuple[float, float] | None = None
         try:
             for chunk in reader:
+                # All columns are read (not ``usecols``) so that a row with more cells than the
+                # header is an error, not silently cut to the header's width.
+                chunk = chunk.loc[:, chunk.columns.isin(self._wanted())]
                 lines = np.arange(line, line + len(chunk))
                 line += len(chunk)
                 blank = (chunk == "").all(axis=1).to_numpy()
@@ -149,7 +152,14 @@ class CSVSource(Source):
                         started = self._pace(batch.timestamps[i], started)
                         yield batch.slice(i, i + 1)
         except pd.errors.ParserError as exc:
-            raise DataError(f"malformed CSV: {exc}", str(self.path)) from None
+            ragged = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+            if ragged:
+                fields, at, saw = ragged.groups()
+                raise DataError(
+                    f"malformed CSV: {saw} cells in this row, expected {fields} as in the header",
+                    f"{self.path}:{at}",
+                ) from None
+            raise DataError(f"malformed CSV: {str(exc).strip()}", str(self.path)) from None
         if rows_seen == 0:
             raise DataError("the file has a header but no data rows", str(self.path))
 
