@@ -1,7 +1,18 @@
 """NeuralSync: online continual adaptation for streaming time series."""
 
+from typing import Any
+
 from neuralsync.config import Scenario, load_scenario
-from neuralsync.pipeline import Pipeline
 
 __all__ = ["Pipeline", "Scenario", "load_scenario"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The pipeline pulls in torch, river and numba (seconds of start-up): load it on first use,
+    # so `neuralsync scenarios` and config checks stay instant.
+    if name == "Pipeline":
+        from neuralsync.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'neuralsync' has no attribute {name!r}")

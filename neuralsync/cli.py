@@ -76,7 +76,7 @@ def replay(
             help="Scenario YAML, or the name of a bundled one (see `neuralsync scenarios`)."
         ),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/NAME].")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory \\[default: runs/NAME].")] = None,
     resume: Annotated[
         Path | None,
         typer.Option(help="Continue the stopped run in this directory from its last checkpoint."),
@@ -116,8 +116,9 @@ def replay(
     config = _scenario_for(scenario, resume, _overrides(set_, **named))
     out_dir = resume or out or Path("runs") / config.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scenario.json").write_text(config.model_dump_json(indent=2) + "\n")
-    console.print(f"replaying [bold]{config.name}[/] → {out_dir}", highlight=False)
+    if resume is None:  # a resumed run keeps the settings it was started with
+        (out_dir / "scenario.json").write_text(config.model_dump_json(indent=2) + "\n")
+    console.print(f"replaying [bold]{config.name}[/] → {out_dir}", highlight=False, soft_wrap=True)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -148,6 +149,7 @@ def replay(
             f"stopped at row {metrics['rows']}; continue with "
             f"[bold]neuralsync replay --resume {out_dir}[/]",
             highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -190,7 +192,7 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
         f"outputs in {out_dir}"
     )
     for line in lines:
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)
     per_key = metrics.get("per_key")
     if per_key:
         keys = Table(title="per key")
@@ -246,6 +248,29 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="A replay's run directo
             indent=2,
         )
     )
+
+
+bench = typer.Typer(no_args_is_help=True, help="Benchmarks: figures measured side by side.")
+app.add_typer(bench, name="bench")
+
+
+@bench.command()
+@_user_errors
+def throughput(
+    quick: Annotated[bool, typer.Option(help="Fewer events and ticks: a smoke run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads [default: torch's].")] = None,
+) -> None:
+    """Events/s of eager torch, the reference and the fast path; many-series key-events/s."""
+    import torch
+
+    from neuralsync.bench.throughput import run_throughput
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    figures = run_throughput(quick=quick, log=lambda line: console.print(line, highlight=False))
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
 
 
 def main() -> None:

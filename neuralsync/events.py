@@ -15,6 +15,9 @@ from typing import Any
 __all__ = ["Event", "EventBus", "format_stream_time"]
 
 
+_OWN_FIELDS = frozenset({"type", "stream_time", "wall_time", "position"})
+
+
 def format_stream_time(timestamp: float | int | None, kind: str) -> str | float | None:
     """Stream time as it is written in events: ISO-8601 for datetimes, the number otherwise.
 
@@ -66,13 +69,16 @@ class Event:
 
     def to_dict(self, wall_time: str | None = None) -> dict[str, Any]:
         wall = wall_time or dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-        return {
+        record = {
             "type": self.type,
             "stream_time": self.stream_time,
             "wall_time": wall,
             "position": self.position,
-            **_jsonable(self.data),
         }
+        # A detail may not overwrite the event's own fields: such a detail keeps a prefix.
+        for name, value in _jsonable(self.data).items():
+            record[f"detail_{name}" if name in _OWN_FIELDS else name] = value
+        return record
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=False)

@@ -118,7 +118,10 @@ class OnlineLearner:
         """
         if self._has_dropout:
             self.module_.train(True)
-        out = self.module_(self._tensor(windows))
+        try:
+            out = self.module_(self._tensor(windows))
+        finally:
+            self.module_.train(False)
         loss = torch.nn.functional.mse_loss(out, self._tensor(truths))
         value = float(loss.detach())
         if not np.isfinite(value):
@@ -126,15 +129,15 @@ class OnlineLearner:
             return value
         self.optimizer_.zero_grad(set_to_none=True)
         loss.backward()
-        if self.config.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.module_.parameters(), self.config.grad_clip)
-            if not torch.isfinite(norm):
-                self.skipped_steps_ += 1
-                self.optimizer_.zero_grad(set_to_none=True)
-                return float("nan")
+        # Without clipping the norm is still computed (an infinite max_norm scales by 1): an
+        # overflowing gradient must be caught even when the loss was finite.
+        max_norm = self.config.grad_clip if self.config.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.module_.parameters(), max_norm)
+        if not torch.isfinite(norm):
+            self.skipped_steps_ += 1
+            self.optimizer_.zero_grad(set_to_none=True)
+            return float("nan")
         self.optimizer_.step()
-        if self._has_dropout:
-            self.module_.train(False)
         self.steps_ += 1
         return value
 

@@ -17,8 +17,11 @@ Replay, the Kafka daemon and the library facade all drive this same class.
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,16 +182,18 @@ class Pipeline:
         self.targets = scenario.targets
         self.target_index = [self.inputs.index(t) for t in self.targets]
         self.label_delay = scenario.effective_label_delay
-        self._rng_seeded = False
-        self._seed_everything(scenario.seed)
-        self.learner = make_learner(
-            scenario.model,
-            n_inputs=len(self.inputs),
-            lookback=scenario.lookback,
-            horizon=scenario.horizon,
-            target_index=self.target_index,
-            device=self.device,
-        )
+        if scenario.num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(scenario.num_threads)
+        self._rng = _seeded_rng_states(scenario.seed)
+        with self._own_rng():
+            self.learner = make_learner(
+                scenario.model,
+                n_inputs=len(self.inputs),
+                lookback=scenario.lookback,
+                horizon=scenario.horizon,
+                target_index=self.target_index,
+                device=self.device,
+            )
         self.series: dict[str, _SeriesState] = {}
         self.metrics_ = ForecastMetrics()
         self.position_ = 0  # rows consumed, bad ones included
@@ -209,12 +214,22 @@ class Pipeline:
 
     # -- set-up -----------------------------------------------------------------------------
 
-    def _seed_everything(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        if self.scenario.num_threads is not None and self.device.type == "cpu":
-            torch.set_num_threads(self.scenario.num_threads)
+    @contextlib.contextmanager
+    def _own_rng(self) -> Iterator[None]:
+        """Run with this pipeline's random generators in place of the process's.
+
+        torch, numpy and ``random`` draw from process-wide generators (weight initialisation,
+        dropout, adapters); swapping this pipeline's states in and out around its work keeps
+        two pipelines in one process (two backtests side by side) from disturbing each other,
+        and keeps the caller's generators where they were.
+        """
+        outside = _rng_states()
+        _set_rng_states(self._rng)
+        try:
+            yield
+        finally:
+            self._rng = _rng_states()
+            _set_rng_states(outside)
 
     def set_change_points(self, timestamps: Sequence[Any]) -> None:
         """Tell the pipeline the true change points (in the stream's time) to score detection."""
@@ -242,11 +257,12 @@ class Pipeline:
             self._bind_columns(batch)
         out: list[Prediction] = []
         values = batch.values[:, self._column_map]
-        for i in range(len(batch)):
-            self.position_ += 1
-            timestamp = batch.timestamps[i].item()
-            key = "" if batch.keys is None else str(batch.keys[i])
-            self._process_row(batch, i, key, timestamp, values[i], out)
+        with self._own_rng():
+            for i in range(len(batch)):
+                self.position_ += 1
+                timestamp = batch.timestamps[i].item()
+                key = "" if batch.keys is None else str(batch.keys[i])
+                self._process_row(batch, i, key, timestamp, values[i], out)
         if out and self.on_prediction is not None:
             self.on_prediction(out)
         return out
@@ -254,7 +270,7 @@ class Pipeline:
     def _stream_time(self, timestamp: Any) -> Any:
         return format_stream_time(timestamp, self.time_kind)
 
-    def _emit(self, kind: str, **data: Any) -> None:
+    def _emit(self, kind: str, /, **data: Any) -> None:
         self.events.emit(Event(kind, self.position_, self._stream_time(self.stream_time_), data))
 
     def _bad_record(
@@ -274,9 +290,25 @@ class Pipeline:
                 origin,
             )
         self.counts_["bad_records"] += 1
-        if raw is None:
-            raw = ",".join(str(v) for v in batch.values[i])
+        if raw is None:  # the row parsed, then failed a check: keep it whole, its time included
+            record: dict[str, Any] = {self.scenario.timestamp: self._record_time(batch, i)}
+            if batch.keys is not None and self.scenario.key:
+                record[self.scenario.key] = str(batch.keys[i])
+            # JSON has no NaN or inf: such cells are kept as the strings "nan", "inf", "-inf".
+            values = (float(v) if math.isfinite(v) else str(float(v)) for v in batch.values[i])
+            record.update(zip(batch.columns, values, strict=True))
+            raw = json.dumps(record)
         self._emit("bad_record", origin=origin, reason=reason, raw=raw)
+
+    def _record_time(self, batch: Batch, i: int) -> Any:
+        """A row's own timestamp as it is written in events, or None where it did not parse."""
+        value = batch.timestamps[i].item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        try:
+            return format_stream_time(value, batch.time_kind)
+        except (TypeError, ValueError, OverflowError):
+            return None
 
     def _process_row(
         self, batch: Batch, i: int, key: str, timestamp: Any, row: np.ndarray, out: list[Prediction]
@@ -293,8 +325,9 @@ class Pipeline:
             self._bad_record(
                 batch,
                 i,
-                f"{what} timestamp {self._stream_time(timestamp)} for key '{key}': expected a "
-                f"time after {self._stream_time(state.last_timestamp)}",
+                f"{what} timestamp {self._stream_time(timestamp)}"
+                + (f" for key '{key}'" if key else "")
+                + f": expected a time after {self._stream_time(state.last_timestamp)}",
                 column=self.scenario.timestamp,
                 error=StreamOrderError,
             )
@@ -570,9 +603,9 @@ class Pipeline:
             "recent": [(torch.from_numpy(w), torch.from_numpy(t), e) for w, t, e in self._recent],
             "adapters": {a.name: a.state_dict() for a in self.adapters},
             "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": _numpy_rng_state(),
-                "python": _python_rng_state(),
+                "torch": self._rng["torch"].clone(),
+                "numpy": _numpy_rng_state(self._rng["numpy"]),
+                "python": _python_rng_state(self._rng["python"]),
             },
         }
 
@@ -594,13 +627,45 @@ class Pipeline:
         self._recent.extend((w.numpy(), t.numpy(), float(e)) for w, t, e in state["recent"])
         for adapter in self.adapters:
             adapter.load_state_dict(state["adapters"].get(adapter.name, {}))
-        torch.set_rng_state(state["rng"]["torch"])
-        _set_numpy_rng_state(state["rng"]["numpy"])
-        _set_python_rng_state(state["rng"]["python"])
+        self._rng = {
+            "torch": state["rng"]["torch"].clone(),
+            "numpy": _numpy_rng_tuple(state["rng"]["numpy"]),
+            "python": (
+                state["rng"]["python"][0],
+                tuple(state["rng"]["python"][1]),
+                state["rng"]["python"][2],
+            ),
+        }
 
 
-def _numpy_rng_state() -> dict[str, Any]:
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+def _rng_states() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def _seeded_rng_states(seed: int) -> dict[str, Any]:
+    """The generators' states after seeding with ``seed``; the process's are left as they were."""
+    outside = _rng_states()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    seeded = _rng_states()
+    _set_rng_states(outside)
+    return seeded
+
+
+def _numpy_rng_state(state: tuple[Any, ...]) -> dict[str, Any]:
+    """numpy's legacy generator state as tensors and numbers (snapshots load weights-only)."""
+    _, keys, pos, has_gauss, cached = state
     return {
         "keys": torch.from_numpy(keys.astype(np.int64)),
         "pos": int(pos),
@@ -609,16 +674,11 @@ def _numpy_rng_state() -> dict[str, Any]:
     }
 
 
-def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+def _numpy_rng_tuple(state: dict[str, Any]) -> tuple[Any, ...]:
     keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["cached"]))
+    return ("MT19937", keys, state["pos"], state["has_gauss"], state["cached"])
 
 
-def _python_rng_state() -> list[Any]:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_python_rng_state(state: list[Any]) -> None:
+def _python_rng_state(state: tuple[Any, ...]) -> list[Any]:
     version, internal, gauss = state
-    random.setstate((version, tuple(internal), gauss))
+    return [version, list(internal), gauss]

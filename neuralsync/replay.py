@@ -167,7 +167,7 @@ class ReplayRun:
         Returns the metrics (also written to ``metrics.json``). ``metrics["completed"]`` says
         whether the stream was read to its end.
         """
-        total = self.source.total_rows()
+        stream_rows = total = self.source.total_rows()
         if limit is not None:
             total = min(total, limit) if total is not None else limit
         every = self.scenario.checkpoint_every
@@ -191,6 +191,9 @@ class ReplayRun:
                     self.checkpoint()
                 if progress:
                     progress(self.pipeline.position_, total)
+                at_end = stream_rows is not None and self.pipeline.position_ >= stream_rows
+                if at_end:
+                    break  # a limit that falls on the last row still completes the stream
                 if (limit is not None and self.pipeline.position_ >= limit) or self.stop_requested:
                     completed = False
                     break

@@ -79,7 +79,9 @@ class OnlineScaler:
         return (rows - self.center) / self.std
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n_, "mean": self.mean_.copy(), "m2": self.m2_.copy()}
+        """Plain values only (exact float64 lists): snapshots load with ``weights_only=True``,
+        which refuses numpy arrays, and the state stays JSON-serialisable."""
+        return {"n": self.n_, "mean": self.mean_.tolist(), "m2": self.m2_.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n_ = int(state["n"])

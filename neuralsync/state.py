@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from neuralsync.errors import CheckpointError
@@ -30,11 +31,15 @@ def save_snapshot(state: dict[str, Any], path: Path) -> None:
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        torch.save({"format_version": FORMAT_VERSION, **state}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save({"format_version": FORMAT_VERSION, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a failed write leaves no torn temporary behind
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -69,7 +74,14 @@ def state_digest(value: Any) -> str:
         if isinstance(item, torch.Tensor):
             tensor = item.detach().cpu().contiguous()
             digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            # reshape first: a 0-d tensor (e.g. Adam's step count) cannot be viewed as bytes
+            flat = tensor.reshape(-1)
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(item, np.ndarray) and item.dtype != object:
+            # every byte, not repr(): repr rounds floats and elides long arrays with "..."
+            array = np.ascontiguousarray(item)
+            digest.update(f"A{array.dtype.str}{array.shape}".encode())
+            digest.update(array.tobytes())
         elif isinstance(item, dict):
             digest.update(b"{")
             for key in sorted(item, key=repr):
