@@ -153,8 +153,9 @@ class FastLearner(OnlineLearner):
                   np.asarray(self.target_index, dtype=np.int64))  # fmt: skip
         self._predict_args = (self._flat, *layout)
         clip = -1.0 if c.grad_clip is None else c.grad_clip
-        self._learn_args = (self._flat, self._grad, self._momentum, *layout, np.float32(c.lr),
-                            np.float32(c.momentum), np.float32(c.weight_decay), np.float32(clip))  # fmt: skip
+        hyper = (c.lr, c.momentum, c.weight_decay, clip)
+        self._learn_args = (self._flat, self._grad, self._momentum, *layout,
+                            *(np.float32(h) for h in hyper))  # fmt: skip
         self._out_shape = (self.horizon, len(self.target_index))
 
     def _buffers(self) -> list[np.ndarray]:
@@ -334,13 +335,13 @@ def _learn(x, y, flat, grad, momentum_buffer, in_dim, width, n_out, hidden, acti
     loss /= batch * n_out
     if not math.isfinite(loss):
         return loss, False
+    squares = 0.0
+    for i in range(grad.shape[0]):
+        squares += grad[i] * grad[i]
+    norm = math.sqrt(squares)
+    if not math.isfinite(norm):  # an overflowing gradient is skipped, clipped or not
+        return loss, False
     if clip >= 0:
-        squares = 0.0
-        for i in range(grad.shape[0]):
-            squares += grad[i] * grad[i]
-        norm = math.sqrt(squares)
-        if not math.isfinite(norm):
-            return loss, False
         coef = np.float32(min(clip / (norm + 1e-6), 1.0))
         for i in range(grad.shape[0]):
             grad[i] *= coef

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``neuralsync bench``: each prints its figures measured side by side."""
