@@ -27,7 +27,7 @@ from neuralsync.learner import OnlineLearner
 
 __all__ = ["FastLearner", "as_fast", "fast_path_reason", "live_path", "make_learner"]
 
-_ACTIVATION_CODES = {"relu": 0, "tanh": 1}
+ACTIVATION_CODES = {"relu": 0, "tanh": 1}
 
 
 def fast_path_reason(config: ModelConfig, device: torch.device | str = "cpu") -> str | None:
@@ -52,7 +52,7 @@ def fast_path_reason(config: ModelConfig, device: torch.device | str = "cpu") ->
         )
     if config.type == "mlp" and len(config.hidden) > 1:
         return f"{len(config.hidden)} hidden layers (the fast path has at most one)"
-    if config.type == "mlp" and config.activation not in _ACTIVATION_CODES:
+    if config.type == "mlp" and config.activation not in ACTIVATION_CODES:
         return f"activation '{config.activation}' (the fast path has relu and tanh)"
     if config.dropout > 0:
         return "dropout (the fast path has none)"
@@ -149,7 +149,7 @@ class FastLearner(OnlineLearner):
         hidden = len(linears) == 2
         first = linears[0].weight
         layout = (first.shape[1], first.shape[0], self.horizon * len(self.target_index), hidden,
-                  _ACTIVATION_CODES.get(c.activation, 0), self.module_.subtract_last,
+                  ACTIVATION_CODES.get(c.activation, 0), self.module_.subtract_last,
                   np.asarray(self.target_index, dtype=np.int64))  # fmt: skip
         self._predict_args = (self._flat, *layout)
         clip = -1.0 if c.grad_clip is None else c.grad_clip

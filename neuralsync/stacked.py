@@ -20,9 +20,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from numba import njit, prange
 
 from neuralsync.config import ModelConfig
+from neuralsync.fast import ACTIVATION_CODES, _forward, _layers, _learn
 from neuralsync.learner import OnlineLearner
 
 __all__ = ["StackedForecaster", "StackedLearners", "stacked_reason"]
@@ -108,20 +111,39 @@ class StackedLearners:
         n_in = lookback * n_inputs
         n_out = horizon * len(self.target_index)
         widths = [n_in, config.hidden[0], n_out] if self.hidden else [n_in, n_out]
+        # Each key's parameters are one row of `flat_`, laid out as the fast path's kernels
+        # expect (w1, b1[, w2, b2]); `params_` are per-layer views of it for the torch path.
+        self._shapes = [
+            shape
+            for fan_in, fan_out in itertools.pairwise(widths)
+            for shape in ((fan_out, fan_in), (fan_out,))
+        ]
+        size = sum(math.prod(shape) for shape in self._shapes)
+        self.flat_ = torch.empty(n_keys, size, device=self.device)
+        self.params_ = self._views(self.flat_)
         generator = torch.Generator().manual_seed(seed)
-        self.params_: list[torch.Tensor] = []
-        for fan_in, fan_out in itertools.pairwise(widths):
+        for layer, fan_in in enumerate(widths[:-1]):
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation
-            for shape in ((n_keys, fan_out, fan_in), (n_keys, fan_out)):
-                values = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-                self.params_.append(values.to(self.device))
+            for param in self.params_[2 * layer : 2 * layer + 2]:
+                values = torch.rand(param.shape, generator=generator) * 2 - 1
+                param.copy_(values * bound)
         if config.subtract_last:  # the head starts at zero: every key starts as last value
             self.params_[-2].zero_()
             self.params_[-1].zero_()
-        self.momentum_ = [torch.zeros_like(p) for p in self.params_] if config.momentum else []
+        self.flat_momentum_ = torch.zeros(n_keys, size if config.momentum else 0, device=device)
+        self.momentum_ = self._views(self.flat_momentum_) if config.momentum else []
         self.steps_ = torch.zeros(n_keys, dtype=torch.long, device=self.device)
         self.skipped_steps_ = torch.zeros(n_keys, dtype=torch.long, device=self.device)
         self._index = torch.as_tensor(self.target_index, device=self.device)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer ``(keys, *shape)`` views of a ``(keys, size)`` tensor."""
+        views, offset = [], 0
+        for shape in self._shapes:
+            size = math.prod(shape)
+            views.append(flat[:, offset : offset + size].view(flat.shape[0], *shape))
+            offset += size
+        return views
 
     @classmethod
     def from_learners(cls, learners: Sequence[OnlineLearner]) -> StackedLearners:
@@ -263,15 +285,15 @@ class StackedLearners:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "params": [p.cpu() for p in self.params_],
-            "momentum": [m.cpu() for m in self.momentum_],
+            "params": self.flat_.cpu().clone(),
+            "momentum": self.flat_momentum_.cpu().clone(),
             "steps": self.steps_.cpu(),
             "skipped_steps": self.skipped_steps_.cpu(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.params_ = [p.to(self.device) for p in state["params"]]
-        self.momentum_ = [m.to(self.device) for m in state["momentum"]]
+        self.flat_.copy_(state["params"])  # in place: the layer views stay valid
+        self.flat_momentum_.copy_(state["momentum"])
         self.steps_ = state["steps"].to(self.device)
         self.skipped_steps_ = state["skipped_steps"].to(self.device)
 
@@ -291,6 +313,10 @@ class StackedForecaster:
         The per-key model (see :func:`stacked_reason`).
     n_keys, n_inputs, lookback, horizon, target_index, device, seed
         As for :class:`StackedLearners`.
+    backend
+        ``numba``: one compiled kernel per tick, looping over the keys on all CPU cores (the
+        CPU default); ``torch``: batched tensor operations (the default on CUDA). Both give the
+        same numbers within float32 rounding.
 
     Examples
     --------
@@ -317,10 +343,18 @@ class StackedForecaster:
         target_index: Sequence[int],
         device: torch.device | str = "cpu",
         seed: int = 0,
+        backend: str = "auto",
     ):
         self.learners = StackedLearners(config, n_keys, n_inputs, lookback, horizon,
                                         target_index, device=device, seed=seed)  # fmt: skip
         device = self.learners.device
+        if backend == "auto":
+            backend = "numba" if device.type == "cpu" else "torch"
+        if backend not in ("numba", "torch"):
+            raise ValueError(f"backend {backend!r}: expected 'auto', 'numba' or 'torch'")
+        if backend == "numba" and device.type != "cpu":
+            raise ValueError(f"backend 'numba' runs on the CPU, not on {device}")
+        self.backend = backend
         n_targets = len(target_index)
         self.horizon = horizon
         self.lookback = lookback
@@ -349,6 +383,10 @@ class StackedForecaster:
         ``None`` when every key ticks, in key order (the fastest case: no gathers). Returns
         ``(n, horizon, targets)`` in the rows' units; NaN where a key's window is not yet full.
         """
+        if self.backend == "numba":
+            return self._step_compiled(rows, keys)
+        if keys is not None:
+            keys = keys.to(self.window_.device)
         sel = slice(None) if keys is None else keys
         rows = rows.to(self.window_.device, self.window_.dtype)
         truth_now = rows[:, self._index]
@@ -404,6 +442,30 @@ class StackedForecaster:
         ready = (count >= self.lookback).view(-1, 1, 1)
         return torch.where(ready, out, torch.full_like(out, float("nan")))
 
+    def _step_compiled(self, rows: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+        rows_np = np.ascontiguousarray(rows.detach().cpu().numpy(), dtype=np.float32)
+        keys_np = (
+            self._all_keys.numpy() if keys is None else np.ascontiguousarray(keys.cpu().numpy())
+        )
+        learners, c = self.learners, self.learners.config
+        out = np.empty((len(keys_np), self.horizon, len(self._index)), np.float32)
+        clip = -1.0 if c.grad_clip is None else c.grad_clip
+        _fleet_step(
+            keys_np, rows_np, self._index.numpy(), self.rows_.numpy(), self.targets_seen_.numpy(),
+            self.mean_.numpy(), self.m2_.numpy(), self.window_.numpy(),
+            self.pending_window_.numpy(), self.pending_center_.numpy(),
+            self.pending_scale_.numpy(), self.pending_forecast_.numpy(),
+            self.pending_last_.numpy(), self.squared_error_.numpy(),
+            self.baseline_squared_error_.numpy(), self.scored_.numpy(),
+            learners.flat_.numpy(), learners.flat_momentum_.numpy(), learners.steps_.numpy(),
+            learners.skipped_steps_.numpy(), learners.flat_.shape[1],
+            self.lookback * self.window_.shape[2], learners.params_[0].shape[1],
+            self.horizon * len(self._index), learners.hidden,
+            ACTIVATION_CODES.get(c.activation, 0), c.subtract_last, np.float32(c.lr),
+            np.float32(c.momentum), np.float32(c.weight_decay), np.float32(clip), out,
+        )  # fmt: skip
+        return torch.from_numpy(out)
+
     def metrics(self) -> dict[str, Any]:
         """Prequential MSE over all keys' scored forecasts, beside the last-value forecast's."""
         values = self.scored_.sum().item() * self.horizon * len(self._index)
@@ -414,3 +476,103 @@ class StackedForecaster:
             "mse": self.squared_error_.sum().item() / values,
             "baseline_last_value": {"mse": self.baseline_squared_error_.sum().item() / values},
         }
+
+
+@njit(cache=True, parallel=True)
+def _fleet_step(keys, rows, target_index, rows_seen, targets_seen, mean, m2, window,
+                pending_window, pending_center, pending_scale, pending_forecast, pending_last,
+                squared_error, baseline_squared_error, scored, flat, momentum, steps, skipped,
+                n_params, in_dim, width, n_out, hidden, activation, subtract_last, lr,
+                momentum_factor, weight_decay, clip, out):  # fmt: skip
+    """:meth:`StackedForecaster.step` for every listed key, one key per loop iteration.
+
+    The same protocol, in the same order, as the torch version; each key's SGD step is the fast
+    path's kernel on that key's row of the stacked parameters.
+    """
+    horizon, n_targets = targets_seen.shape[1], targets_seen.shape[2]
+    lookback, n_inputs = window.shape[1], window.shape[2]
+    for j in prange(keys.shape[0]):
+        k = keys[j]
+        row = rows[j]
+        count = rows_seen[k] + 1
+        for s in range(horizon - 1):
+            targets_seen[k, s] = targets_seen[k, s + 1]
+        for t in range(n_targets):
+            targets_seen[k, horizon - 1, t] = row[target_index[t]]
+        issued = count - horizon
+        if issued >= lookback:  # the forecast issued `horizon` rows ago is complete
+            slot = issued % horizon
+            target = np.empty((1, n_out), np.float32)
+            error = 0.0
+            baseline = 0.0
+            for s in range(horizon):
+                for t in range(n_targets):
+                    center = pending_center[k, slot, t]
+                    scale = pending_scale[k, slot, t]
+                    truth = targets_seen[k, s, t]
+                    forecast = pending_forecast[k, slot, s, t] * scale + center
+                    error += (forecast - truth) ** 2
+                    baseline += (pending_last[k, slot, t] - truth) ** 2
+                    target[0, s * n_targets + t] = (truth - center) / scale
+            squared_error[k] += error
+            baseline_squared_error[k] += baseline
+            scored[k] += 1
+            grad = np.empty(n_params, np.float32)
+            _, stepped = _learn(
+                pending_window[k, slot : slot + 1],
+                target,
+                flat[k],
+                grad,
+                momentum[k],
+                in_dim,
+                width,
+                n_out,
+                hidden,
+                activation,
+                subtract_last,
+                target_index,
+                lr,
+                momentum_factor,
+                weight_decay,
+                clip,
+                True,
+            )  # a zero momentum buffer makes the first step the plain gradient, as in torch
+            if stepped:
+                steps[k] += 1
+            else:
+                skipped[k] += 1
+        rows_seen[k] = count
+        for r in range(lookback - 1):
+            window[k, r] = window[k, r + 1]
+        mean32 = np.empty(n_inputs, np.float32)
+        std32 = np.empty(n_inputs, np.float32)
+        for i in range(n_inputs):
+            value = np.float64(row[i])
+            delta = value - mean[k, i]
+            mean[k, i] += delta / count
+            m2[k, i] += delta * (value - mean[k, i])
+            window[k, lookback - 1, i] = row[i]
+            std = math.sqrt(max(m2[k, i] / count, 0.0))
+            mean32[i] = mean[k, i]
+            std32[i] = std if (std > _MIN_STD and count >= 2) else 1.0
+        slot = count % horizon
+        for r in range(lookback):
+            for i in range(n_inputs):
+                pending_window[k, slot, r, i] = (window[k, r, i] - mean32[i]) / std32[i]
+        for t in range(n_targets):
+            pending_center[k, slot, t] = mean32[target_index[t]]
+            pending_scale[k, slot, t] = std32[target_index[t]]
+            pending_last[k, slot, t] = row[target_index[t]]
+        w1, b1, w2, b2 = _layers(flat[k], in_dim, width, n_out, hidden)
+        z = np.empty(in_dim, np.float32)
+        a = np.empty(width, np.float32)
+        h = np.empty(width, np.float32)
+        forecast = np.empty(n_out, np.float32)
+        _forward(pending_window[k, slot], w1, b1, w2, b2, hidden, activation, subtract_last,
+                 target_index, z, a, h, forecast)  # fmt: skip
+        for s in range(horizon):
+            for t in range(n_targets):
+                value = forecast[s * n_targets + t]
+                pending_forecast[k, slot, s, t] = value
+                unscaled = value * std32[target_index[t]] + mean32[target_index[t]]
+                out[j, s, t] = unscaled if count >= lookback else np.nan
