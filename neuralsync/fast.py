@@ -218,26 +218,30 @@ class FastLearner(OnlineLearner):
         return learner
 
 
+# Reassociation lets LLVM vectorise the dot products and sums; NaN and inf keep their meaning
+# (no "nnan"/"ninf"), so the non-finite checks stay exact.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
 # -- kernels ----------------------------------------------------------------------------------
 # Written as explicit loops in float32, in the order torch computes the same quantities, so
 # results agree with the reference path to float32 rounding.
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _activate(value, code):
     if code == 0:
         return value if value > 0 else np.float32(0.0)
     return np.float32(math.tanh(value))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _activation_slope(pre, post, code):
     if code == 0:
         return np.float32(1.0) if pre > 0 else np.float32(0.0)
     return np.float32(1.0) - post * post
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _layers(flat, in_dim, width, n_out, hidden):
     """Views of the layers in ``flat``: (w1, b1, w2, b2); a linear model has w1, b1 only."""
     w1 = flat[: width * in_dim].reshape((width, in_dim))
@@ -252,7 +256,7 @@ def _layers(flat, in_dim, width, n_out, hidden):
     return w1, b1, w2, b2
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FASTMATH)
 def _forward(xb, w1, b1, w2, b2, hidden, activation, subtract_last, target_index, z, a, h, o):
     """One window ``xb (lookback, inputs)`` → flat output ``o``; keeps ``z``, ``a``, ``h``."""
     lookback, n_inputs = xb.shape
@@ -281,7 +285,7 @@ def _forward(xb, w1, b1, w2, b2, hidden, activation, subtract_last, target_index
         o[m] = total
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FASTMATH)
 def _predict(x, flat, in_dim, width, n_out, hidden, activation, subtract_last, target_index, out):
     w1, b1, w2, b2 = _layers(flat, in_dim, width, n_out, hidden)
     z = np.empty(in_dim, np.float32)
@@ -293,19 +297,29 @@ def _predict(x, flat, in_dim, width, n_out, hidden, activation, subtract_last, t
                  z, a, h, rows[b])  # fmt: skip
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FASTMATH)
 def _learn(x, y, flat, grad, momentum_buffer, in_dim, width, n_out, hidden, activation,
            subtract_last, target_index, lr, momentum, weight_decay, clip, started):  # fmt: skip
     """Mean-squared-error SGD step on a batch; returns (loss before the step, stepped)."""
-    w1, b1, w2, b2 = _layers(flat, in_dim, width, n_out, hidden)
-    g1, gb1, g2, gb2 = _layers(grad, in_dim, width, n_out, hidden)
-    batch = x.shape[0]
     z = np.empty(in_dim, np.float32)
     a = np.empty(width, np.float32)
     h = np.empty(width, np.float32)
     o = np.empty(n_out, np.float32)
     delta = np.empty(n_out, np.float32)
     back = np.empty(width, np.float32)
+    return _learn_with(x, y, flat, grad, momentum_buffer, in_dim, width, n_out, hidden,
+                       activation, subtract_last, target_index, lr, momentum, weight_decay, clip,
+                       started, z, a, h, o, delta, back)  # fmt: skip
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _learn_with(x, y, flat, grad, momentum_buffer, in_dim, width, n_out, hidden, activation,
+                subtract_last, target_index, lr, momentum, weight_decay, clip, started,
+                z, a, h, o, delta, back):  # fmt: skip
+    """:func:`_learn` with the caller's scratch space (``z`` .. ``back``), for loops over keys."""
+    w1, b1, w2, b2 = _layers(flat, in_dim, width, n_out, hidden)
+    g1, gb1, g2, gb2 = _layers(grad, in_dim, width, n_out, hidden)
+    batch = x.shape[0]
     grad[:] = 0
     scale = np.float32(2.0) / np.float32(batch * n_out)
     loss = 0.0

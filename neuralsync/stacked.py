@@ -25,7 +25,7 @@ import torch
 from numba import njit, prange
 
 from neuralsync.config import ModelConfig
-from neuralsync.fast import ACTIVATION_CODES, _forward, _layers, _learn
+from neuralsync.fast import _FASTMATH, ACTIVATION_CODES, _forward, _layers, _learn_with
 from neuralsync.learner import OnlineLearner
 
 __all__ = ["StackedForecaster", "StackedLearners", "stacked_reason"]
@@ -478,7 +478,7 @@ class StackedForecaster:
         }
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def _fleet_step(keys, rows, target_index, rows_seen, targets_seen, mean, m2, window,
                 pending_window, pending_center, pending_scale, pending_forecast, pending_last,
                 squared_error, baseline_squared_error, scored, flat, momentum, steps, skipped,
@@ -491,88 +491,82 @@ def _fleet_step(keys, rows, target_index, rows_seen, targets_seen, mean, m2, win
     """
     horizon, n_targets = targets_seen.shape[1], targets_seen.shape[2]
     lookback, n_inputs = window.shape[1], window.shape[2]
-    for j in prange(keys.shape[0]):
-        k = keys[j]
-        row = rows[j]
-        count = rows_seen[k] + 1
-        for s in range(horizon - 1):
-            targets_seen[k, s] = targets_seen[k, s + 1]
-        for t in range(n_targets):
-            targets_seen[k, horizon - 1, t] = row[target_index[t]]
-        issued = count - horizon
-        if issued >= lookback:  # the forecast issued `horizon` rows ago is complete
-            slot = issued % horizon
-            target = np.empty((1, n_out), np.float32)
-            error = 0.0
-            baseline = 0.0
-            for s in range(horizon):
-                for t in range(n_targets):
-                    center = pending_center[k, slot, t]
-                    scale = pending_scale[k, slot, t]
-                    truth = targets_seen[k, s, t]
-                    forecast = pending_forecast[k, slot, s, t] * scale + center
-                    error += (forecast - truth) ** 2
-                    baseline += (pending_last[k, slot, t] - truth) ** 2
-                    target[0, s * n_targets + t] = (truth - center) / scale
-            squared_error[k] += error
-            baseline_squared_error[k] += baseline
-            scored[k] += 1
-            grad = np.empty(n_params, np.float32)
-            _, stepped = _learn(
-                pending_window[k, slot : slot + 1],
-                target,
-                flat[k],
-                grad,
-                momentum[k],
-                in_dim,
-                width,
-                n_out,
-                hidden,
-                activation,
-                subtract_last,
-                target_index,
-                lr,
-                momentum_factor,
-                weight_decay,
-                clip,
-                True,
-            )  # a zero momentum buffer makes the first step the plain gradient, as in torch
-            if stepped:
-                steps[k] += 1
-            else:
-                skipped[k] += 1
-        rows_seen[k] = count
-        for r in range(lookback - 1):
-            window[k, r] = window[k, r + 1]
+    # Keys go in chunks, one scratch space per chunk: allocating per key costs more than the
+    # arithmetic of a model this small.
+    n_keys = keys.shape[0]
+    n_chunks = min(n_keys, 64)
+    for chunk in prange(n_chunks):
+        target = np.empty((1, n_out), np.float32)
+        grad = np.empty(n_params, np.float32)
         mean32 = np.empty(n_inputs, np.float32)
         std32 = np.empty(n_inputs, np.float32)
-        for i in range(n_inputs):
-            value = np.float64(row[i])
-            delta = value - mean[k, i]
-            mean[k, i] += delta / count
-            m2[k, i] += delta * (value - mean[k, i])
-            window[k, lookback - 1, i] = row[i]
-            std = math.sqrt(max(m2[k, i] / count, 0.0))
-            mean32[i] = mean[k, i]
-            std32[i] = std if (std > _MIN_STD and count >= 2) else 1.0
-        slot = count % horizon
-        for r in range(lookback):
-            for i in range(n_inputs):
-                pending_window[k, slot, r, i] = (window[k, r, i] - mean32[i]) / std32[i]
-        for t in range(n_targets):
-            pending_center[k, slot, t] = mean32[target_index[t]]
-            pending_scale[k, slot, t] = std32[target_index[t]]
-            pending_last[k, slot, t] = row[target_index[t]]
-        w1, b1, w2, b2 = _layers(flat[k], in_dim, width, n_out, hidden)
         z = np.empty(in_dim, np.float32)
         a = np.empty(width, np.float32)
         h = np.empty(width, np.float32)
-        forecast = np.empty(n_out, np.float32)
-        _forward(pending_window[k, slot], w1, b1, w2, b2, hidden, activation, subtract_last,
-                 target_index, z, a, h, forecast)  # fmt: skip
-        for s in range(horizon):
+        o = np.empty(n_out, np.float32)
+        delta = np.empty(n_out, np.float32)
+        back = np.empty(width, np.float32)
+        for j in range(chunk * n_keys // n_chunks, (chunk + 1) * n_keys // n_chunks):
+            k = keys[j]
+            row = rows[j]
+            count = rows_seen[k] + 1
+            for s in range(horizon - 1):
+                targets_seen[k, s] = targets_seen[k, s + 1]
             for t in range(n_targets):
-                value = forecast[s * n_targets + t]
-                pending_forecast[k, slot, s, t] = value
-                unscaled = value * std32[target_index[t]] + mean32[target_index[t]]
-                out[j, s, t] = unscaled if count >= lookback else np.nan
+                targets_seen[k, horizon - 1, t] = row[target_index[t]]
+            issued = count - horizon
+            if issued >= lookback:  # the forecast issued `horizon` rows ago is complete
+                slot = issued % horizon
+                error = 0.0
+                baseline = 0.0
+                for s in range(horizon):
+                    for t in range(n_targets):
+                        center = pending_center[k, slot, t]
+                        scale = pending_scale[k, slot, t]
+                        truth = targets_seen[k, s, t]
+                        forecast = pending_forecast[k, slot, s, t] * scale + center
+                        error += (forecast - truth) ** 2
+                        baseline += (pending_last[k, slot, t] - truth) ** 2
+                        target[0, s * n_targets + t] = (truth - center) / scale
+                squared_error[k] += error
+                baseline_squared_error[k] += baseline
+                scored[k] += 1
+                # A zero momentum buffer makes the first step the plain gradient, as in torch.
+                _, stepped = _learn_with(
+                    pending_window[k, slot : slot + 1], target, flat[k], grad, momentum[k], in_dim,
+                    width, n_out, hidden, activation, subtract_last, target_index, lr,
+                    momentum_factor, weight_decay, clip, True, z, a, h, o, delta, back,
+                )  # fmt: skip
+                if stepped:
+                    steps[k] += 1
+                else:
+                    skipped[k] += 1
+            rows_seen[k] = count
+            for r in range(lookback - 1):
+                window[k, r] = window[k, r + 1]
+            for i in range(n_inputs):
+                value = np.float64(row[i])
+                deviation = value - mean[k, i]
+                mean[k, i] += deviation / count
+                m2[k, i] += deviation * (value - mean[k, i])
+                window[k, lookback - 1, i] = row[i]
+                std = math.sqrt(max(m2[k, i] / count, 0.0))
+                mean32[i] = mean[k, i]
+                std32[i] = std if (std > _MIN_STD and count >= 2) else 1.0
+            slot = count % horizon
+            for r in range(lookback):
+                for i in range(n_inputs):
+                    pending_window[k, slot, r, i] = (window[k, r, i] - mean32[i]) / std32[i]
+            for t in range(n_targets):
+                pending_center[k, slot, t] = mean32[target_index[t]]
+                pending_scale[k, slot, t] = std32[target_index[t]]
+                pending_last[k, slot, t] = row[target_index[t]]
+            w1, b1, w2, b2 = _layers(flat[k], in_dim, width, n_out, hidden)
+            _forward(pending_window[k, slot], w1, b1, w2, b2, hidden, activation, subtract_last,
+                     target_index, z, a, h, o)  # fmt: skip
+            for s in range(horizon):
+                for t in range(n_targets):
+                    value = o[s * n_targets + t]
+                    pending_forecast[k, slot, s, t] = value
+                    unscaled = value * std32[target_index[t]] + mean32[target_index[t]]
+                    out[j, s, t] = unscaled if count >= lookback else np.nan
