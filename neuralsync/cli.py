@@ -196,7 +196,7 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
     per_key = metrics.get("per_key")
     if per_key:
         keys = Table(title="per key")
-        for column in ("key", "forecasts", "mse", "last-value mse", "directional acc."):
+        for column in ("key", "scored", "mse", "last-value mse", "directional acc."):
             keys.add_column(column, justify="right")
         for key, m in list(per_key.items())[:20]:
             keys.add_row(

@@ -456,6 +456,8 @@ class Pipeline:
                     reason="loss or gradient not finite; step rolled back",
                     loss=loss,
                 )
+            else:
+                self.counts_["learn_steps"] += 1
 
     # -- adaptation -------------------------------------------------------------------------
 
@@ -565,7 +567,8 @@ class Pipeline:
             "filled_cells": self.counts_["filled_cells"],
         }
         summary["bad_records"] = self.counts_["bad_records"]
-        summary["learn_steps"] = self.learner.steps_
+        # The pipeline's own count: the live model's would restart at every swap.
+        summary["learn_steps"] = self.counts_["learn_steps"]
         summary["live_path"] = live_path(self.learner)
         summary["skipped_steps"] = self.counts_["skipped_steps"]
         summary["swaps"] = self.counts_["swaps"]

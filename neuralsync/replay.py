@@ -149,6 +149,11 @@ class ReplayRun:
             )
         self.pipeline.load_state_dict(snapshot["pipeline"])
         self.source.seek(self.pipeline.position_)
+        # Damaged snapshots newer than this one describe a future that is about to be redone:
+        # left in place, pruning would count them and delete this good one instead.
+        for path in self.store.paths():
+            if path.name > Path(snapshot["path"]).name:
+                path.unlink()
         return snapshot
 
     def _record_event(self, event: Event) -> None:

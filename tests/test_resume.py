@@ -215,6 +215,8 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged
     try:
         assert run.pipeline.position_ == 1000
         assert len(run.store.skipped_) == 1 and "state-000000001500.pt" in run.store.skipped_[0]
+        # the damaged snapshot is gone, so pruning cannot keep it over the good one
+        assert [p.name for p in run.store.paths()] == ["state-000000001000.pt"]
         metrics = run.run()
     finally:
         run.close()
