@@ -125,8 +125,7 @@ class StackedLearners:
         for layer, fan_in in enumerate(widths[:-1]):
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation
             for param in self.params_[2 * layer : 2 * layer + 2]:
-                values = torch.rand(param.shape, generator=generator) * 2 - 1
-                param.copy_(values * bound)
+                param.uniform_(-bound, bound, generator=generator)  # in place: no temporaries
         if config.subtract_last:  # the head starts at zero: every key starts as last value
             self.params_[-2].zero_()
             self.params_[-1].zero_()
