@@ -187,9 +187,11 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
         f"{metrics['missing']['dropped_rows']}, filled cells: "
         f"{metrics['missing']['filled_cells']}, swaps: {metrics['swaps']}"
     )
+    live = metrics["live_path"]
+    why = f": {live['reason']}" if live.get("reason") else ""
     lines.append(
-        f"{_fmt(metrics['events_per_second'], 5)} rows/s on {metrics['device']}; "
-        f"outputs in {out_dir}"
+        f"{_fmt(metrics['events_per_second'], 5)} rows/s on {metrics['device']}, "
+        f"{live['path']} live path{why}; outputs in {out_dir}"
     )
     for line in lines:
         out.print(line, highlight=False, soft_wrap=True)

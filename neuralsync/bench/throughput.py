@@ -63,7 +63,7 @@ def single_series_throughput(n_events: int) -> dict[str, float]:
         for i in range(n_events):
             with torch.no_grad():
                 net(xt[i, 0])
-            loss = torch.nn.functional.mse_loss(net(xt[i, 0]), yt[i, 0, 0])
+            loss = torch.nn.functional.mse_loss(net(xt[i, 0]), yt[i, 0])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -192,7 +192,9 @@ def _replay_rate(fast: bool, limit: int | None) -> float:
     from neuralsync.replay import replay
     from neuralsync.scenarios import resolve_scenario
 
-    overrides = {"model.fast_path": fast}
+    # On the CPU both ways: "auto" would put the reference path on a GPU where there is one,
+    # and the fast path with it (it is a CPU kernel), so "fast" would not be the fast path.
+    overrides = {"model.fast_path": fast, "device": "cpu"}
     scenario = load_scenario(resolve_scenario("default"), overrides)
     with tempfile.TemporaryDirectory() as out:
         metrics = replay(scenario, out, limit=limit, report=False)
