@@ -160,6 +160,8 @@ class CSVSource(Source):
                     f"{self.path}:{at}",
                 ) from None
             raise DataError(f"malformed CSV: {str(exc).strip()}", str(self.path)) from None
+        finally:  # also when the reader stops early (a limit, a stop request)
+            reader.close()
         if rows_seen == 0:
             raise DataError("the file has a header but no data rows", str(self.path))
 
