@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
 from neuralsync.config import ModelConfig
-from neuralsync.fast import _FASTMATH, ACTIVATION_CODES, _forward, _layers, _learn_with
+from neuralsync.fast import _FASTMATH, ACTIVATION_CODES, _activate, _activation_slope
 from neuralsync.learner import OnlineLearner
 
 __all__ = ["StackedForecaster", "StackedLearners", "stacked_reason"]
@@ -70,6 +70,10 @@ class StackedLearners:
         Where the stacked tensors live.
     seed
         Seeds the initial weights (torch's ``nn.Linear`` initialisation, per key).
+    keys_last
+        Store the parameters as ``(parameters, keys)``, keys innermost, so a compiled kernel
+        can run one key per SIMD lane; ``flat_`` is then a transposed view. The default,
+        keys first, suits the batched torch operations.
 
     Examples
     --------
@@ -96,6 +100,7 @@ class StackedLearners:
         target_index: Sequence[int],
         device: torch.device | str = "cpu",
         seed: int = 0,
+        keys_last: bool = False,
     ):
         reason = stacked_reason(config)
         if reason is not None:
@@ -119,17 +124,29 @@ class StackedLearners:
             for shape in ((fan_out, fan_in), (fan_out,))
         ]
         size = sum(math.prod(shape) for shape in self._shapes)
-        self.flat_ = torch.empty(n_keys, size, device=self.device)
+        if keys_last:
+            self.storage_ = torch.empty(size, n_keys, device=self.device)
+            self.flat_ = self.storage_.T
+        else:
+            self.flat_ = self.storage_ = torch.empty(n_keys, size, device=self.device)
         self.params_ = self._views(self.flat_)
         generator = torch.Generator().manual_seed(seed)
         for layer, fan_in in enumerate(widths[:-1]):
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation
             for param in self.params_[2 * layer : 2 * layer + 2]:
-                param.uniform_(-bound, bound, generator=generator)  # in place: no temporaries
+                # Drawn keys-first whatever the storage order, so both layouts start equal.
+                values = torch.empty(param.shape).uniform_(-bound, bound, generator=generator)
+                param.copy_(values)
         if config.subtract_last:  # the head starts at zero: every key starts as last value
             self.params_[-2].zero_()
             self.params_[-1].zero_()
-        self.flat_momentum_ = torch.zeros(n_keys, size if config.momentum else 0, device=device)
+        momentum_size = size if config.momentum else 0
+        if keys_last:
+            self.momentum_storage_ = torch.zeros(momentum_size, n_keys, device=self.device)
+            self.flat_momentum_ = self.momentum_storage_.T
+        else:
+            self.flat_momentum_ = torch.zeros(n_keys, momentum_size, device=self.device)
+            self.momentum_storage_ = self.flat_momentum_
         self.momentum_ = self._views(self.flat_momentum_) if config.momentum else []
         self.steps_ = torch.zeros(n_keys, dtype=torch.long, device=self.device)
         self.skipped_steps_ = torch.zeros(n_keys, dtype=torch.long, device=self.device)
@@ -143,6 +160,21 @@ class StackedLearners:
             views.append(flat[:, offset : offset + size].view(flat.shape[0], *shape))
             offset += size
         return views
+
+    def layers_keys_last(self, storage: torch.Tensor) -> tuple[np.ndarray, ...]:
+        """``(w1, b1, w2, b2)`` as ``(out, in, keys)`` / ``(out, keys)`` numpy views of
+        keys-last ``storage``; a missing layer (linear model, no momentum) is empty."""
+        keys = storage.shape[1]
+        flat = storage.numpy()
+        views, offset = [], 0
+        for shape in self._shapes:
+            size = math.prod(shape) if flat.shape[0] else 0
+            views.append(flat[offset : offset + size].reshape(*shape, keys) if size else
+                         np.zeros((*(0 for _ in shape), keys), np.float32))  # fmt: skip
+            offset += size
+        while len(views) < 4:
+            views.append(np.zeros((0, 0, keys) if len(views) == 2 else (0, keys), np.float32))
+        return tuple(views)
 
     @classmethod
     def from_learners(cls, learners: Sequence[OnlineLearner]) -> StackedLearners:
@@ -284,8 +316,8 @@ class StackedLearners:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "params": self.flat_.cpu().clone(),
-            "momentum": self.flat_momentum_.cpu().clone(),
+            "params": self.flat_.cpu().contiguous().clone(),
+            "momentum": self.flat_momentum_.cpu().contiguous().clone(),
             "steps": self.steps_.cpu(),
             "skipped_steps": self.skipped_steps_.cpu(),
         }
@@ -344,9 +376,7 @@ class StackedForecaster:
         seed: int = 0,
         backend: str = "auto",
     ):
-        self.learners = StackedLearners(config, n_keys, n_inputs, lookback, horizon,
-                                        target_index, device=device, seed=seed)  # fmt: skip
-        device = self.learners.device
+        device = torch.device(device)
         if backend == "auto":
             backend = "numba" if device.type == "cpu" else "torch"
         if backend not in ("numba", "torch"):
@@ -354,6 +384,9 @@ class StackedForecaster:
         if backend == "numba" and device.type != "cpu":
             raise ValueError(f"backend 'numba' runs on the CPU, not on {device}")
         self.backend = backend
+        self.learners = StackedLearners(config, n_keys, n_inputs, lookback, horizon,
+                                        target_index, device=device, seed=seed,
+                                        keys_last=backend == "numba")  # fmt: skip
         n_targets = len(target_index)
         self.horizon = horizon
         self.lookback = lookback
@@ -448,20 +481,19 @@ class StackedForecaster:
         )
         learners, c = self.learners, self.learners.config
         out = np.empty((len(keys_np), self.horizon, len(self._index)), np.float32)
-        clip = -1.0 if c.grad_clip is None else c.grad_clip
         _fleet_step(
-            keys_np, rows_np, self._index.numpy(), self.rows_.numpy(), self.targets_seen_.numpy(),
-            self.mean_.numpy(), self.m2_.numpy(), self.window_.numpy(),
-            self.pending_window_.numpy(), self.pending_center_.numpy(),
+            keys_np, keys is None, rows_np, self._index.numpy(), self.rows_.numpy(),
+            self.targets_seen_.numpy(), self.mean_.numpy(), self.m2_.numpy(),
+            self.window_.numpy(), self.pending_window_.numpy(), self.pending_center_.numpy(),
             self.pending_scale_.numpy(), self.pending_forecast_.numpy(),
             self.pending_last_.numpy(), self.squared_error_.numpy(),
             self.baseline_squared_error_.numpy(), self.scored_.numpy(),
-            learners.flat_.numpy(), learners.flat_momentum_.numpy(), learners.steps_.numpy(),
-            learners.skipped_steps_.numpy(), learners.flat_.shape[1],
-            self.lookback * self.window_.shape[2], learners.params_[0].shape[1],
-            self.horizon * len(self._index), learners.hidden,
+            *learners.layers_keys_last(learners.storage_),
+            *learners.layers_keys_last(learners.momentum_storage_),
+            learners.steps_.numpy(), learners.skipped_steps_.numpy(), learners.hidden,
             ACTIVATION_CODES.get(c.activation, 0), c.subtract_last, np.float32(c.lr),
-            np.float32(c.momentum), np.float32(c.weight_decay), np.float32(clip), out,
+            np.float32(c.momentum), np.float32(c.weight_decay),
+            np.float32(-1.0 if c.grad_clip is None else c.grad_clip), out,
         )  # fmt: skip
         return torch.from_numpy(out)
 
@@ -477,69 +509,89 @@ class StackedForecaster:
         }
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _fleet_step(keys, rows, target_index, rows_seen, targets_seen, mean, m2, window,
-                pending_window, pending_center, pending_scale, pending_forecast, pending_last,
-                squared_error, baseline_squared_error, scored, flat, momentum, steps, skipped,
-                n_params, in_dim, width, n_out, hidden, activation, subtract_last, lr,
-                momentum_factor, weight_decay, clip, out):  # fmt: skip
-    """:meth:`StackedForecaster.step` for every listed key, one key per loop iteration.
+# -- the compiled fleet step -------------------------------------------------------------------
+# Parameters are stored keys-last, ``(parameter, key)``: every loop below runs over a chunk of
+# keys in its innermost dimension, so each key is one SIMD lane and the same instruction steps
+# many models at once. Gradients are never materialised: each layer's is the outer product of
+# its error signal and its input, and the update applies it directly.
 
-    The same protocol, in the same order, as the torch version; each key's SGD step is the fast
-    path's kernel on that key's row of the stacked parameters.
+_CHUNK = 64
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _fleet_step(keys, contiguous, rows, target_index, rows_seen, targets_seen, mean, m2, window,
+                pending_window, pending_center, pending_scale, pending_forecast, pending_last,
+                squared_error, baseline_squared_error, scored, w1, b1, w2, b2, mw1, mb1, mw2,
+                mb2, steps, skipped, hidden, activation, subtract_last, lr, momentum,
+                weight_decay, clip, out):  # fmt: skip
+    """:meth:`StackedForecaster.step` for the listed keys, in chunks of keys.
+
+    ``contiguous``: the keys are ``0 .. n-1`` in order, so the chunk's parameters are read in
+    place; otherwise they are gathered into a chunk buffer and written back.
     """
+    n_keys = keys.shape[0]
     horizon, n_targets = targets_seen.shape[1], targets_seen.shape[2]
     lookback, n_inputs = window.shape[1], window.shape[2]
-    # Keys go in chunks, one scratch space per chunk: allocating per key costs more than the
-    # arithmetic of a model this small.
-    n_keys = keys.shape[0]
-    n_chunks = min(n_keys, 64)
-    for chunk in prange(n_chunks):
-        target = np.empty((1, n_out), np.float32)
-        grad = np.empty(n_params, np.float32)
-        mean32 = np.empty(n_inputs, np.float32)
-        std32 = np.empty(n_inputs, np.float32)
-        z = np.empty(in_dim, np.float32)
-        a = np.empty(width, np.float32)
-        h = np.empty(width, np.float32)
-        o = np.empty(n_out, np.float32)
-        delta = np.empty(n_out, np.float32)
-        back = np.empty(width, np.float32)
-        for j in range(chunk * n_keys // n_chunks, (chunk + 1) * n_keys // n_chunks):
-            k = keys[j]
-            row = rows[j]
+    in_dim = lookback * n_inputs
+    width, n_out = w1.shape[0], (w2.shape[0] if hidden else w1.shape[0])
+    # One thread: SIMD across keys does the work; numba's parallel loops, measured here, lost
+    # the vectorisation and stalled behind busy cores.
+    for start in range(0, n_keys, _CHUNK):
+        n = min(_CHUNK, n_keys - start)
+        z = np.zeros((in_dim, n), np.float32)
+        last = np.zeros((n_out, n), np.float32)
+        y = np.zeros((n_out, n), np.float32)
+        due = np.zeros(n, np.bool_)
+        any_due = False
+        # 1. The forecast whose horizon this row completes: score it, set up its learning step.
+        for q in range(n):
+            k = keys[start + q]
+            row = rows[start + q]
             count = rows_seen[k] + 1
             for s in range(horizon - 1):
                 targets_seen[k, s] = targets_seen[k, s + 1]
             for t in range(n_targets):
                 targets_seen[k, horizon - 1, t] = row[target_index[t]]
             issued = count - horizon
-            if issued >= lookback:  # the forecast issued `horizon` rows ago is complete
-                slot = issued % horizon
-                error = 0.0
-                baseline = 0.0
-                for s in range(horizon):
-                    for t in range(n_targets):
-                        center = pending_center[k, slot, t]
-                        scale = pending_scale[k, slot, t]
-                        truth = targets_seen[k, s, t]
-                        forecast = pending_forecast[k, slot, s, t] * scale + center
-                        error += (forecast - truth) ** 2
-                        baseline += (pending_last[k, slot, t] - truth) ** 2
-                        target[0, s * n_targets + t] = (truth - center) / scale
-                squared_error[k] += error
-                baseline_squared_error[k] += baseline
-                scored[k] += 1
-                # A zero momentum buffer makes the first step the plain gradient, as in torch.
-                _, stepped = _learn_with(
-                    pending_window[k, slot : slot + 1], target, flat[k], grad, momentum[k], in_dim,
-                    width, n_out, hidden, activation, subtract_last, target_index, lr,
-                    momentum_factor, weight_decay, clip, True, z, a, h, o, delta, back,
-                )  # fmt: skip
-                if stepped:
-                    steps[k] += 1
-                else:
-                    skipped[k] += 1
+            if issued < lookback:
+                continue
+            due[q] = True
+            any_due = True
+            slot = issued % horizon
+            error = 0.0
+            baseline = 0.0
+            for s in range(horizon):
+                for t in range(n_targets):
+                    center = pending_center[k, slot, t]
+                    scale = pending_scale[k, slot, t]
+                    truth = targets_seen[k, s, t]
+                    forecast = pending_forecast[k, slot, s, t] * scale + center
+                    error += (forecast - truth) ** 2
+                    baseline += (pending_last[k, slot, t] - truth) ** 2
+                    y[s * n_targets + t, q] = (truth - center) / scale
+            squared_error[k] += error
+            baseline_squared_error[k] += baseline
+            scored[k] += 1
+            _window_column(pending_window[k, slot], subtract_last, target_index, z, last, q)
+        params = _chunk_params(keys, contiguous, start, n, w1, b1, w2, b2)
+        buffers = _chunk_params(keys, contiguous, start, n, mw1, mb1, mw2, mb2)
+        if any_due:
+            stepped = _chunk_learn(params, buffers, z, last, y, due, hidden, activation, lr,
+                                   momentum, weight_decay, clip)  # fmt: skip
+            for q in range(n):
+                if due[q]:
+                    k = keys[start + q]
+                    if stepped[q]:
+                        steps[k] += 1
+                    else:
+                        skipped[k] += 1
+        # 2. The row joins the key's normalisation and window; the next forecast is issued.
+        mean32 = np.empty((n, n_inputs), np.float32)
+        std32 = np.empty((n, n_inputs), np.float32)
+        for q in range(n):
+            k = keys[start + q]
+            row = rows[start + q]
+            count = rows_seen[k] + 1
             rows_seen[k] = count
             for r in range(lookback - 1):
                 window[k, r] = window[k, r + 1]
@@ -550,22 +602,230 @@ def _fleet_step(keys, rows, target_index, rows_seen, targets_seen, mean, m2, win
                 m2[k, i] += deviation * (value - mean[k, i])
                 window[k, lookback - 1, i] = row[i]
                 std = math.sqrt(max(m2[k, i] / count, 0.0))
-                mean32[i] = mean[k, i]
-                std32[i] = std if (std > _MIN_STD and count >= 2) else 1.0
+                mean32[q, i] = mean[k, i]
+                std32[q, i] = std if (std > _MIN_STD and count >= 2) else 1.0
             slot = count % horizon
             for r in range(lookback):
                 for i in range(n_inputs):
-                    pending_window[k, slot, r, i] = (window[k, r, i] - mean32[i]) / std32[i]
+                    pending_window[k, slot, r, i] = (window[k, r, i] - mean32[q, i]) / std32[q, i]
             for t in range(n_targets):
-                pending_center[k, slot, t] = mean32[target_index[t]]
-                pending_scale[k, slot, t] = std32[target_index[t]]
+                pending_center[k, slot, t] = mean32[q, target_index[t]]
+                pending_scale[k, slot, t] = std32[q, target_index[t]]
                 pending_last[k, slot, t] = row[target_index[t]]
-            w1, b1, w2, b2 = _layers(flat[k], in_dim, width, n_out, hidden)
-            _forward(pending_window[k, slot], w1, b1, w2, b2, hidden, activation, subtract_last,
-                     target_index, z, a, h, o)  # fmt: skip
+            _window_column(pending_window[k, slot], subtract_last, target_index, z, last, q)
+        forecast = np.empty((n_out, n), np.float32)
+        hidden_out = np.empty((width, n), np.float32)
+        _chunk_forward(params, z, last, hidden, activation, hidden_out, forecast)
+        for q in range(n):
+            k = keys[start + q]
+            count = rows_seen[k]
+            slot = count % horizon
             for s in range(horizon):
                 for t in range(n_targets):
-                    value = o[s * n_targets + t]
+                    value = forecast[s * n_targets + t, q]
                     pending_forecast[k, slot, s, t] = value
-                    unscaled = value * std32[target_index[t]] + mean32[target_index[t]]
-                    out[j, s, t] = unscaled if count >= lookback else np.nan
+                    unscaled = value * std32[q, target_index[t]] + mean32[q, target_index[t]]
+                    out[start + q, s, t] = unscaled if count >= lookback else np.nan
+        if not contiguous:
+            _scatter_params(keys, start, n, params, w1, b1, w2, b2)
+            _scatter_params(keys, start, n, buffers, mw1, mb1, mw2, mb2)
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _window_column(normalised, subtract_last, target_index, z, last, q):
+    """Key ``q``'s model input (the flattened window) and last target values, as columns."""
+    lookback, n_inputs = normalised.shape
+    n_targets = target_index.shape[0]
+    d = 0
+    for r in range(lookback):
+        for i in range(n_inputs):
+            value = normalised[r, i]
+            z[d, q] = value - normalised[lookback - 1, i] if subtract_last else value
+            d += 1
+    if subtract_last:
+        for m in range(last.shape[0]):
+            last[m, q] = normalised[lookback - 1, target_index[m % n_targets]]
+
+
+@njit(cache=True, inline="always")
+def _chunk_params(keys, contiguous, start, n, w1, b1, w2, b2):
+    """The chunk's parameters and the column its first key is at: the stacked arrays
+    themselves for contiguous keys, else gathered copies (column 0)."""
+    if contiguous:  # read and written in place, from column `start`
+        return w1, b1, w2, b2, start
+    g1 = np.empty((w1.shape[0], w1.shape[1], n), np.float32)
+    gb1 = np.empty((b1.shape[0], n), np.float32)
+    g2 = np.empty((w2.shape[0], w2.shape[1], n), np.float32)
+    gb2 = np.empty((b2.shape[0], n), np.float32)
+    for q in range(n):
+        k = keys[start + q]
+        g1[:, :, q] = w1[:, :, k]
+        gb1[:, q] = b1[:, k]
+        g2[:, :, q] = w2[:, :, k]
+        gb2[:, q] = b2[:, k]
+    return g1, gb1, g2, gb2, 0
+
+
+@njit(cache=True)
+def _scatter_params(keys, start, n, params, w1, b1, w2, b2):
+    g1, gb1, g2, gb2, _ = params
+    for q in range(n):
+        k = keys[start + q]
+        w1[:, :, k] = g1[:, :, q]
+        b1[:, k] = gb1[:, q]
+        w2[:, :, k] = g2[:, :, q]
+        b2[:, k] = gb2[:, q]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _chunk_forward(params, z, last, hidden, activation, h, o):
+    """Forward pass for a chunk of keys: ``z (in, n)`` → ``o (out, n)``; keeps ``h``."""
+    w1, b1, w2, b2, off = params
+    n = z.shape[1]
+    end = off + n
+    first = h if hidden else o
+    for j in range(w1.shape[0]):
+        acc = first[j]
+        bias = b1[j, off:end]
+        for q in range(n):
+            acc[q] = bias[q]
+        for d in range(w1.shape[1]):
+            weights = w1[j, d, off:end]
+            inputs = z[d]
+            for q in range(n):
+                acc[q] += weights[q] * inputs[q]
+        if hidden:
+            for q in range(n):
+                acc[q] = _activate(acc[q], activation)
+    if hidden:
+        for m in range(w2.shape[0]):
+            acc = o[m]
+            bias = b2[m, off:end]
+            for q in range(n):
+                acc[q] = bias[q]
+            for j in range(w2.shape[1]):
+                weights = w2[m, j, off:end]
+                inputs = h[j]
+                for q in range(n):
+                    acc[q] += weights[q] * inputs[q]
+    for m in range(o.shape[0]):
+        for q in range(n):
+            o[m, q] += last[m, q]
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _chunk_learn(params, buffers, z, last, y, due, hidden, activation, lr, momentum,
+                 weight_decay, clip):  # fmt: skip
+    """One SGD step per due key of the chunk (torch.optim.SGD semantics); returns stepped."""
+    w1, b1, w2, b2, off = params
+    n = z.shape[1]
+    n_out = y.shape[0]
+    width = w1.shape[0]
+    h = np.empty((width, n), np.float32)
+    o = np.empty((n_out, n), np.float32)
+    _chunk_forward(params, z, last, hidden, activation, h, o)
+    # Error signals: delta (outputs), back (hidden units); squared norms for the clip.
+    delta = o
+    delta_sq = np.zeros(n, np.float32)
+    loss = np.zeros(n, np.float32)
+    for m in range(n_out):
+        for q in range(n):
+            diff = o[m, q] - y[m, q]
+            loss[q] += diff * diff
+            delta[m, q] = diff * np.float32(2.0 / n_out)
+            delta_sq[q] += delta[m, q] * delta[m, q]
+    input_sq = np.ones(n, np.float32)  # the bias's input is 1
+    for d in range(z.shape[0]):
+        for q in range(n):
+            input_sq[q] += z[d, q] * z[d, q]
+    if hidden:
+        hidden_sq = np.ones(n, np.float32)
+        back = np.zeros((width, n), np.float32)
+        back_sq = np.zeros(n, np.float32)
+        for j in range(width):
+            for q in range(n):
+                hidden_sq[q] += h[j, q] * h[j, q]
+            for m in range(n_out):
+                weights = w2[m, j, off : off + n]
+                for q in range(n):
+                    back[j, q] += weights[q] * delta[m, q]
+            for q in range(n):
+                back[j, q] *= _activation_slope(h[j, q], h[j, q], activation)
+                back_sq[q] += back[j, q] * back[j, q]
+        squares = np.empty(n, np.float32)
+        for q in range(n):
+            squares[q] = delta_sq[q] * hidden_sq[q] + back_sq[q] * input_sq[q]
+        first_signal = back
+    else:
+        squares = np.empty(n, np.float32)
+        for q in range(n):
+            squares[q] = delta_sq[q] * input_sq[q]
+        first_signal = delta
+    # Per key: the clipped step size, or nothing for keys not due or not finite.
+    step = np.zeros(n, np.float32)
+    keep = np.ones(n, np.float32)  # momentum factor: 1 keeps an idle key's buffer as it is
+    decay = np.zeros(n, np.float32)
+    stepped = np.zeros(n, np.bool_)
+    for q in range(n):
+        norm = math.sqrt(squares[q])
+        if due[q] and math.isfinite(loss[q]) and math.isfinite(norm):
+            stepped[q] = True
+            coef = min(clip / (norm + 1e-6), 1.0) if clip >= 0 else 1.0
+            step[q] = coef
+            keep[q] = momentum
+            decay[q] = weight_decay
+    for q in range(n):  # idle keys: zero signals, so no NaN or inf reaches a weight
+        if not stepped[q]:
+            for m in range(n_out):
+                delta[m, q] = 0.0
+            if hidden:
+                for j in range(width):
+                    first_signal[j, q] = 0.0
+            for d in range(z.shape[0]):
+                z[d, q] = 0.0
+    rate = np.empty(n, np.float32)
+    for q in range(n):
+        rate[q] = lr if stepped[q] else 0.0
+    with_momentum = momentum != 0
+    if hidden:
+        _apply(w2, b2, buffers[2], buffers[3], off, buffers[4], delta, h, step, keep, decay,
+               rate, with_momentum)  # fmt: skip
+    _apply(w1, b1, buffers[0], buffers[1], off, buffers[4], first_signal, z, step, keep, decay,
+           rate, with_momentum)  # fmt: skip
+    return stepped
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _apply(weight, bias, weight_buffer, bias_buffer, off, buffer_off, signal, inputs, coef, keep,
+           decay, rate, with_momentum):  # fmt: skip
+    """SGD on one layer: gradient ``signal[j] * inputs[d]`` (bias: ``signal[j]``), per key.
+
+    The chunk's keys are columns ``off ..`` of the parameters, ``buffer_off ..`` of the
+    momentum buffers.
+    """
+    n = inputs.shape[1]
+    end, buffer_end = off + n, buffer_off + n
+    scaled = np.empty(n, np.float32)
+    for j in range(weight.shape[0]):
+        for q in range(n):
+            scaled[q] = signal[j, q] * coef[q]
+        for d in range(weight.shape[1]):
+            w = weight[j, d, off:end]
+            x = inputs[d]
+            if with_momentum:
+                buf = weight_buffer[j, d, buffer_off:buffer_end]
+                for q in range(n):
+                    buf[q] = keep[q] * buf[q] + scaled[q] * x[q] + decay[q] * w[q]
+                    w[q] -= rate[q] * buf[q]
+            else:
+                for q in range(n):
+                    w[q] -= rate[q] * (scaled[q] * x[q] + decay[q] * w[q])
+        b = bias[j, off:end]
+        if with_momentum:
+            buf = bias_buffer[j, buffer_off:buffer_end]
+            for q in range(n):
+                buf[q] = keep[q] * buf[q] + scaled[q] + decay[q] * b[q]
+                b[q] -= rate[q] * buf[q]
+        else:
+            for q in range(n):
+                b[q] -= rate[q] * (scaled[q] + decay[q] * b[q])

@@ -142,10 +142,15 @@ def _state_bytes_per_key(forecaster: Any, n_keys: int) -> dict[str, float]:
     params = size(learners.params_)
     optimiser = size(learners.momentum_)
     window = size([forecaster.window_])
-    # Every tensor the forecaster and its models hold (the per-layer parameter views are
-    # inside `flat_` and `flat_momentum_`, counted once).
-    everything = size([v for v in vars(forecaster).values() if isinstance(v, torch.Tensor)])
-    everything += size([v for v in vars(learners).values() if isinstance(v, torch.Tensor)])
+    # Every tensor the forecaster and its models hold, each storage once (parameters are
+    # reachable through several views of one storage).
+    storages = {}
+    for holder in (forecaster, learners):
+        for value in vars(holder).values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    everything = sum(storages.values()) / n_keys
     return {
         "params_bytes_per_key": params,
         "optimizer_bytes_per_key": optimiser,
