@@ -16,6 +16,7 @@ import pandas as pd
 
 from neuralsync.base import Batch, Prediction, PredictionSink, Source
 from neuralsync.errors import DataError
+from neuralsync.files import ResumableFile
 from neuralsync.sources import check_columns, frame_to_batch
 
 __all__ = ["CSVPredictionSink", "CSVSource"]
@@ -201,10 +202,9 @@ class CSVPredictionSink(PredictionSink):
     def __init__(self, path: str | Path, *, append: bool = False):
         self.path = Path(path)
         exists = self.path.exists() and self.path.stat().st_size > 0
-        self._file = open(self.path, "a" if append else "w", newline="", encoding="utf-8")  # noqa: SIM115
-        self._writer = csv.writer(self._file, lineterminator="\n")
+        self._file = ResumableFile(self.path, append=append)
         if not (append and exists):
-            self._writer.writerow(self.HEADER)
+            self._file.write(",".join(self.HEADER) + "\n")
 
     def write(self, predictions: list[Prediction]) -> None:
         buffer = io.StringIO()
@@ -226,16 +226,12 @@ class CSVPredictionSink(PredictionSink):
 
     def flush(self) -> None:
         self._file.flush()
-        os.fsync(self._file.fileno())
 
     def position(self) -> int:
-        self._file.flush()
-        return self._file.tell()
+        return self._file.position()
 
     def truncate(self, position: int) -> None:
-        self._file.flush()
         self._file.truncate(position)
-        self._file.seek(position)
 
     def close(self) -> None:
         self._file.close()

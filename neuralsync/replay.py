@@ -10,7 +10,6 @@ bit-identical to one never stopped.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from neuralsync.base import PredictionSink, Source
 from neuralsync.config import Scenario
 from neuralsync.errors import CheckpointError, ConfigError
 from neuralsync.events import Event, format_stream_time
+from neuralsync.files import ResumableFile
 from neuralsync.pipeline import Pipeline
 from neuralsync.registry import load_plugin
 from neuralsync.scenarios import load_change_points
@@ -33,31 +33,11 @@ __all__ = ["ReplayRun", "replay"]
 ProgressCallback = Callable[[int, int | None], None]
 
 
-class _JsonLines:
+class _JsonLines(ResumableFile):
     """An append-only JSON-lines file whose byte position can be saved and returned to."""
 
-    def __init__(self, path: Path, *, append: bool):
-        self.path = path
-        self._file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-
-    def flush(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def position(self) -> int:
-        self._file.flush()
-        return self._file.tell()
-
-    def truncate(self, position: int) -> None:
-        self._file.flush()
-        self._file.truncate(position)
-        self._file.seek(position)
-
-    def close(self) -> None:
-        self._file.close()
+    def write_record(self, record: dict[str, Any]) -> None:
+        self.write(json.dumps(record) + "\n")
 
 
 class ReplayRun:
@@ -158,9 +138,9 @@ class ReplayRun:
 
     def _record_event(self, event: Event) -> None:
         record = event.to_dict()
-        self.events.write(record)
+        self.events.write_record(record)
         if event.type == "bad_record":
-            self.dead_letters.write(record)
+            self.dead_letters.write_record(record)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -270,8 +250,21 @@ class ReplayRun:
             metrics["change_points"] = [format_stream_time(t, kind) for t in self.change_points]
         for sink in (self.sink, self.events, self.dead_letters):
             sink.flush()
+        metrics["adaptation_lag"] = self._adaptation_lag(metrics)
         (self.out_dir / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
         return metrics
+
+    def _adaptation_lag(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        """Lag and excess error after each true change (or detected one, when none is known),
+        from the predictions file; ``None`` when the run writes none (a custom sink)."""
+        from neuralsync.lag import lag_from_predictions
+
+        path = self.out_dir / "predictions.csv"
+        if not path.is_file() or path.stat().st_size == 0:
+            return None
+        if self.change_points is not None:
+            return lag_from_predictions(path, metrics["change_points"], basis="true")
+        return lag_from_predictions(path, metrics["regime_changes"], basis="detected")
 
     def close(self) -> None:
         for sink in (self.sink, self.events, self.dead_letters):
