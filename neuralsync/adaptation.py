@@ -2,7 +2,8 @@
 
 An adapter gets the live learner and recent labelled samples (the support set) and may
 propose a replacement; the pipeline's gate scores it on later samples it never trained on.
-More adapters (meta-adaptation, evolution) register here or under the
+Meta-adaptation (``meta``, :mod:`neuralsync.meta`) is used when a scenario names no
+adapter. More adapters (evolution) register here or under the
 ``neuralsync.adapters`` entry-point group.
 """
 
@@ -18,7 +19,7 @@ from neuralsync.config import Scenario
 from neuralsync.errors import ConfigError, suggest
 from neuralsync.learner import OnlineLearner
 
-__all__ = ["ADAPTERS", "FreshStartAdapter", "build_adapters"]
+__all__ = ["ADAPTERS", "FreshStartAdapter", "adapter_names", "build_adapters"]
 
 
 class FreshStartAdapter(Adapter):
@@ -71,10 +72,39 @@ class FreshStartAdapter(Adapter):
         return Proposal(fresh, self.name, {"support_size": len(support_x), "epochs": self.epochs})
 
 
+def _meta(scenario: Scenario) -> Adapter:
+    from neuralsync.meta import MetaAdapter  # torch.func: loaded only when used
+
+    return MetaAdapter.from_scenario(scenario)
+
+
 #: Built-in adapters by name: a factory taking the scenario.
 ADAPTERS: dict[str, Callable[[Scenario], Adapter]] = {
     "fresh_start": lambda scenario: FreshStartAdapter(),
+    "meta": _meta,
 }
+
+
+def adapter_names(scenario: Scenario) -> list[str]:
+    """The adapters a scenario uses: ``adaptation.adapters``, or when that names none,
+    meta-adaptation (``meta``) unless ``adaptation.meta.enabled`` is false.
+
+    >>> from neuralsync.config import Scenario
+    >>> s = Scenario(name="s", timestamp="t", targets="y")
+    >>> adapter_names(s)
+    ['meta']
+    >>> s.adaptation.meta.enabled = False
+    >>> adapter_names(s)
+    []
+    >>> s.adaptation.adapters = ["fresh_start", "meta"]
+    >>> adapter_names(s)
+    ['fresh_start', 'meta']
+
+    """
+    named = list(scenario.adaptation.adapters)
+    if named:
+        return named
+    return ["meta"] if scenario.adaptation.meta.enabled else []
 
 
 def build_adapters(scenario: Scenario) -> list[Adapter]:
@@ -85,7 +115,7 @@ def build_adapters(scenario: Scenario) -> list[Adapter]:
     for ep in entry_points(group="neuralsync.adapters"):
         factories.setdefault(ep.name, ep.load())
     adapters = []
-    for name in scenario.adaptation.adapters:
+    for name in adapter_names(scenario):
         if name not in factories:
             raise ConfigError(
                 f"option 'adaptation.adapters': unknown adapter '{name}'"

@@ -157,6 +157,9 @@ class Proposal:
     learner: OnlineLearner
     source: str
     details: dict[str, Any] = field(default_factory=dict)
+    #: An event the pipeline emits, with ``details`` and the gate's figures, just before the
+    #: ``gate_decision`` (e.g. ``meta_adapt``); ``None`` for none.
+    event: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,10 @@ class Adapter(abc.ABC):
     """
 
     name: str = "adapter"
+    #: Labelled samples the pipeline waits after a regime change before consulting this
+    #: adapter, so that its support window holds data from the new regime; 0 consults it at
+    #: once. The wait counts samples, so it ends at the same stream position on every run.
+    support_delay: int = 0
 
     @abc.abstractmethod
     def on_regime_change(

@@ -95,6 +95,14 @@ def replay(
         str | None, typer.Option(help="Regime detector: adwin, page_hinkley, kswin or none.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    meta: Annotated[
+        bool | None,
+        typer.Option(
+            "--meta/--no-meta",
+            help="Meta-adaptation at regime changes (on by default; same as "
+            "--set adaptation.meta.enabled=...).",
+        ),
+    ] = None,
     limit: Annotated[
         int | None,
         typer.Option(help="Stop after this many rows (checkpointed; continue with --resume)."),
@@ -112,6 +120,7 @@ def replay(
         "model.type": model,
         "detector.type": detector,
         "device": device,
+        "adaptation.meta.enabled": meta,
     }
     config = _scenario_for(scenario, resume, _overrides(set_, **named))
     out_dir = resume or out or Path("runs") / config.name
@@ -273,6 +282,56 @@ def throughput(
     figures = run_throughput(quick=quick, log=lambda line: console.print(line, highlight=False))
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
+
+
+@bench.command()
+@_user_errors
+def library(
+    quick: Annotated[bool, typer.Option(help="300 bars, one repeat: a smoke run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    lookback: Annotated[int, typer.Option(help="Bars in the forecaster's window.")] = 32,
+) -> None:
+    """Per-bar cost of OnlineForecaster learn_one + forecast and of the bare backtesting.py loop."""
+    from neuralsync.bench.library import run_library
+
+    figures = run_library(
+        quick=quick, log=lambda line: console.print(line, highlight=False), lookback=lookback
+    )
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+
+
+@bench.command()
+@_user_errors
+def adaptation(
+    quick: Annotated[
+        bool, typer.Option(help="Shorter streams (2,400 and 3,000 rows): a smoke run.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed of every run.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON to this file.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Draw the error around one change of 'recurring' to this PNG."),
+    ] = None,
+) -> None:
+    """Recovery from regime changes: meta-adaptation, online SGD and reset, side by side.
+
+    Prints the median adaptation lag and the total excess error per method as a table (on
+    stderr) and the figures as JSON (on stdout).
+    """
+    import torch
+
+    from neuralsync.bench.adaptation import format_table, run_adaptation
+
+    torch.set_num_threads(1)
+    figures = run_adaptation(
+        quick=quick, seed=seed, plot=plot, log=lambda line: console.print(line, highlight=False)
+    )
+    console.print(format_table(figures), highlight=False, soft_wrap=True)
+    text = json.dumps(figures, indent=2)
+    if out is not None:
+        out.write_text(text + "\n", encoding="utf-8")
+    typer.echo(text)
 
 
 def main() -> None:

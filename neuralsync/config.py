@@ -19,6 +19,7 @@ from neuralsync.errors import ConfigError, suggest
 __all__ = [
     "AdaptationConfig",
     "DetectorConfig",
+    "MetaConfig",
     "ModelConfig",
     "NormalizationConfig",
     "Scenario",
@@ -77,11 +78,48 @@ class NormalizationConfig(_Strict):
     halflife: Annotated[float, Field(gt=0.0)] = 1000.0
 
 
+class MetaConfig(_Strict):
+    """Meta-adaptation (``neuralsync.meta``): a meta-learned initialisation, adapted in a few
+    steps on the data since a regime change and offered to the gate."""
+
+    #: Use the ``meta`` adapter when ``adaptation.adapters`` names none (the default).
+    enabled: bool = True
+    #: ``maml`` (second order), ``fomaml`` (first order) or ``reptile``.
+    algorithm: Literal["maml", "fomaml", "reptile"] = "fomaml"
+    #: Learn a learning rate per parameter element for the inner loop (Meta-SGD); not with
+    #: ``reptile``.
+    meta_sgd: bool = True
+    #: Gradient steps that adapt the meta-initialisation (k), in meta-training and at a change.
+    inner_steps: Annotated[int, Field(gt=0)] = 5
+    #: Inner-loop learning rate (the starting value of the per-parameter rates with Meta-SGD).
+    inner_lr: Annotated[float, Field(gt=0.0)] = 0.1
+    #: Largest gradient norm of an inner step; ``null`` turns clipping off.
+    inner_grad_clip: Annotated[float, Field(gt=0.0)] | None = 1.0
+    #: Adam step size of the meta-update.
+    meta_lr: Annotated[float, Field(gt=0.0)] = 0.003
+    #: Meta-updates at each regime change (bounded: they run on the stream's thread).
+    meta_steps: Annotated[int, Field(ge=0)] = 20
+    #: Tasks (support/query pairs from the regime memory) per meta-update.
+    tasks_per_step: Annotated[int, Field(gt=0)] = 4
+    #: Samples the initialisation is adapted on: the newest data since the change, at a
+    #: change; the support half of a task, in meta-training.
+    support_window: Annotated[int, Field(gt=0)] = 32
+    #: Labelled samples after the detection to wait for before adapting (the canary window's
+    #: samples come on top): the newest of the support window are then from the new regime.
+    after_detection: Annotated[int, Field(ge=0)] = 16
+    #: Samples after a task's support that its adapted model is scored on (meta-training).
+    query_size: Annotated[int, Field(gt=0)] = 32
+    #: Regimes (segments between detected changes) kept as meta-learning tasks; oldest evicted.
+    memory_segments: Annotated[int, Field(gt=0)] = 8
+    #: Newest samples of a regime kept in the memory.
+    segment_size: Annotated[int, Field(gt=1)] = 128
+
+
 class AdaptationConfig(_Strict):
     """Who reacts to a regime change, and the canary check their proposals must pass."""
 
-    #: Names of the adapters that react to a regime change (see ``neuralsync.adaptation``);
-    #: an empty list switches adaptation off.
+    #: Names of the adapters that react to a regime change (see ``neuralsync.adaptation``).
+    #: Empty (the default) means meta-adaptation alone while ``meta.enabled``, else none.
     adapters: list[str] = Field(default_factory=list)
     #: Labelled samples just before the canary window that adapters may train on.
     support_size: Annotated[int, Field(gt=0)] = 256
@@ -89,6 +127,8 @@ class AdaptationConfig(_Strict):
     canary_size: Annotated[int, Field(gt=0)] = 64
     #: Relative improvement over the live model's error a proposal must reach to go live.
     margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    #: Meta-adaptation settings.
+    meta: MetaConfig = Field(default_factory=MetaConfig)
 
 
 class Scenario(_Strict):

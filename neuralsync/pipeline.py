@@ -202,6 +202,9 @@ class Pipeline:
         self.counts_ = collections.Counter()
         self.detections_: list[dict[str, Any]] = []
         self._learn_buffer: list[tuple[np.ndarray, np.ndarray]] = []
+        #: Adapters waiting for their ``support_delay``: [due sample count, position, stream
+        #: time, key, detector, adapter name], in due order (see :meth:`_schedule`).
+        self._scheduled: list[list[Any]] = []
         memory = scenario.adaptation.support_size + scenario.adaptation.canary_size
         self._recent: collections.deque[tuple[np.ndarray, np.ndarray, float]] = collections.deque(
             maxlen=memory
@@ -211,6 +214,10 @@ class Pipeline:
         self._change_points = None
         self.change_point_positions_: list[int | None] = []
         self.on_prediction: Callable[[list[Prediction]], None] | None = None
+        #: While true, forecasts are still issued and scored and the detector still watches
+        #: them, but the live model takes no learning step and no adapter is consulted: the
+        #: model stays as it is (a frozen baseline). Not part of :meth:`state_dict`.
+        self.frozen = False
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -440,9 +447,14 @@ class Pipeline:
         self.counts_["forecasts"] += 1
 
     def _learn_from(self, pending: _Pending) -> None:
+        if self.frozen:
+            return
+        if self._scheduled and self.counts_["labelled"] >= self._scheduled[0][0]:
+            self._run_scheduled()
         target = ((pending.truth - pending.center) / pending.scale).astype(np.float32)
         live_error = float(((pending.forecast - target) ** 2).mean())
         self._recent.append((pending.window, target, live_error))
+        self.counts_["labelled"] += 1
         self._learn_buffer.append((pending.window, target))
         if len(self._learn_buffer) >= self.scenario.model.batch_size:
             windows = np.stack([w for w, _ in self._learn_buffer])
@@ -469,7 +481,7 @@ class Pipeline:
         }
         self.detections_.append(detection)
         self._emit("regime_change", key=key or None, detector=self.scenario.detector.type)
-        if self.adapters:
+        if self.adapters and not self.frozen:
             self._adapt(
                 RegimeChange(
                     self.position_,
@@ -479,7 +491,35 @@ class Pipeline:
                 )
             )
 
-    def _adapt(self, change: RegimeChange) -> None:
+    def _schedule(self, change: RegimeChange) -> list[Adapter]:
+        """Queue the adapters that wait ``support_delay`` samples; return the others."""
+        now = []
+        for adapter in self.adapters:
+            delay = int(getattr(adapter, "support_delay", 0))
+            if delay <= 0:
+                now.append(adapter)
+                continue
+            due = self.counts_["labelled"] + delay
+            where = [change.position, change.stream_time, change.key, change.detector]
+            self._scheduled.append([due, *where, adapter.name])
+            self._scheduled.sort(key=lambda entry: entry[0])  # stable: ties keep their order
+            self._emit("adaptation_scheduled", adapter=adapter.name, after_samples=delay)
+        return now
+
+    def _run_scheduled(self) -> None:
+        """Consult the queued adapters whose wait is over (at a sample count, hence at the
+        same stream position in every run, resumed or not)."""
+        while self._scheduled and self._scheduled[0][0] <= self.counts_["labelled"]:
+            _, position, stream_time, key, detector, name = self._scheduled.pop(0)
+            adapters = [a for a in self.adapters if a.name == name]
+            if adapters:
+                self._adapt(RegimeChange(position, stream_time, key, detector), adapters)
+
+    def _adapt(self, change: RegimeChange, adapters: list[Adapter] | None = None) -> None:
+        if adapters is None:
+            adapters = self._schedule(change)
+            if not adapters:
+                return
         canary_size = self.scenario.adaptation.canary_size
         if len(self._recent) < canary_size + 1:
             self._emit(
@@ -497,7 +537,7 @@ class Pipeline:
         canary_x = torch.from_numpy(np.stack([s[0] for s in canary]))
         canary_y = torch.from_numpy(np.stack([s[1] for s in canary]))
         live_errors = torch.tensor([s[2] for s in canary])
-        for adapter in self.adapters:
+        for adapter in adapters:
             proposal = adapter.on_regime_change(change, self.learner, support_x, support_y)
             if proposal is None:
                 continue
@@ -511,6 +551,13 @@ class Pipeline:
         canary_y: torch.Tensor,
     ) -> None:
         decision = self.gate.decide(proposal, live_errors, canary_x, canary_y)
+        if proposal.event is not None:
+            self._emit(
+                proposal.event,
+                accepted=decision.accepted,
+                **decision.figures,
+                **proposal.details,
+            )
         self._emit(
             "gate_decision",
             source=proposal.source,
@@ -553,6 +600,25 @@ class Pipeline:
                             )
                         )
         return out
+
+    def latest_forecast(self, key: str | None = None) -> tuple[Any, np.ndarray] | None:
+        """The forecast issued at ``key``'s newest row, in the targets' own units.
+
+        Returns ``(issued_at, values)``: the stream time of that row and a ``(horizon,
+        targets)`` float64 array, bit-identical to the ``prediction`` values a replay writes
+        for that forecast. ``None`` while the key has fewer than ``lookback`` rows (or none).
+        """
+        state = self.series.get(key or "")
+        if state is None or not state.pending or state.pending[-1].row != state.rows:
+            return None
+        pending = state.pending[-1]
+        values = np.stack(
+            [
+                pending.forecast[step] * pending.scale + pending.center
+                for step in range(len(pending.forecast))
+            ]
+        )
+        return self._stream_time(pending.issued_at), values
 
     def metrics(self) -> dict[str, Any]:
         """Prequential figures overall and per key, counts, regime changes and detection."""
@@ -605,6 +671,7 @@ class Pipeline:
             ],
             "recent": [(torch.from_numpy(w), torch.from_numpy(t), e) for w, t, e in self._recent],
             "adapters": {a.name: a.state_dict() for a in self.adapters},
+            "scheduled": [list(entry) for entry in self._scheduled],
             "rng": {
                 "torch": self._rng["torch"].clone(),
                 "numpy": _numpy_rng_state(self._rng["numpy"]),
@@ -630,6 +697,7 @@ class Pipeline:
         self._recent.extend((w.numpy(), t.numpy(), float(e)) for w, t, e in state["recent"])
         for adapter in self.adapters:
             adapter.load_state_dict(state["adapters"].get(adapter.name, {}))
+        self._scheduled = [list(entry) for entry in state.get("scheduled", [])]
         self._rng = {
             "torch": state["rng"]["torch"].clone(),
             "numpy": _numpy_rng_tuple(state["rng"]["numpy"]),

@@ -6,7 +6,9 @@ The figure has three panels on one time axis:
 2. the rolling MSE of the model and of the last-value baseline, over all forecasts;
 3. the cumulative difference of squared error, baseline minus model: rising means the model wins.
 
-Every panel marks the detected regime changes (solid) and the true change points (dashed). The
+Every panel marks the detected regime changes (solid) and the true change points (dashed); the
+rolling-error panel also shades each change's adaptation lag (``adaptation_lag`` of
+``metrics.json``: from the change until the error is back within 10 % of its level). The
 figure is drawn on a private Agg canvas, never through pyplot, so it is thread-safe and needs no
 display. Plotted lines are thinned to a bounded number of points, keeping each bucket's minimum
 and maximum, so runs with millions of forecasts draw quickly without hiding spikes.
@@ -38,6 +40,7 @@ _BASELINE = "tab:gray"
 _TRUTH = "black"
 _DETECTED = "tab:red"
 _TRUE_CHANGE = "tab:green"
+_LAG = "tab:orange"
 _DPI = 110
 _SIZE = (12.0, 9.0)
 
@@ -224,6 +227,39 @@ def _mark_changes(
         )
 
 
+def _mark_lag(ax: Axes, metrics: dict[str, Any], kind: str, x: np.ndarray) -> str:
+    """Shade each change's adaptation lag; return a note for the panel's title."""
+    lag = metrics.get("adaptation_lag")
+    if not isinstance(lag, dict) or not lag.get("per_change"):
+        return ""
+    labelled = False
+    for record in lag["per_change"]:
+        if record.get("lag") is None:
+            continue
+        start = _parse_times([record.get("stream_time")], kind)
+        until = record.get("recovered_at") or record.get("until")
+        end = _parse_times([until], kind) if until else []
+        if not len(start) or not start.notna().all():
+            continue
+        stop = end.iloc[0] if len(end) and end.notna().all() else x[-1]
+        ax.axvspan(
+            start.iloc[0],
+            stop,
+            color=_LAG,
+            alpha=0.15,
+            linewidth=0,
+            label=None if labelled else "adaptation lag",
+            zorder=0,
+        )
+        labelled = True
+    median = lag.get("median_lag")
+    if median is None:
+        return ""
+    return f"; adaptation lag: median {median:.0f} forecasts, excess error " + (
+        f"{lag['total_excess_error']:.4g} ({lag.get('basis', 'true')} changes)"
+    )
+
+
 def _legend(ax: Axes) -> None:
     """The legend to the right of the panel, where it cannot cover the data."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)
@@ -328,11 +364,9 @@ def _draw_report(
     positive = np.concatenate(spans)
     if len(positive) and positive.max() > 100 * positive.min():
         middle.set_yscale("log")
-    middle.set_title(
-        f"Rolling MSE over {window} forecasts (all keys, targets and steps)",
-        fontsize=10,
-        loc="left",
-    )
+    title = f"Rolling MSE over {window} forecasts (all keys, targets and steps)"
+    lag_note = _mark_lag(middle, metrics, kind, x)
+    middle.set_title(title + lag_note, fontsize=10, loc="left")
     middle.set_ylabel("MSE")
 
     # (3) cumulative squared-error difference: rising means the model beats last value.

@@ -10,6 +10,9 @@ Run ``python scenarios/generate.py`` to rewrite, next to this script:
 ``symbols.csv`` and ``symbols.changepoints.json``
     Three symbols at very different price levels, interleaved by timestamp, each with a
     mean-reverting price nudged by volume shocks and one regime change of its own.
+``recurring.csv`` and ``recurring.changepoints.json``
+    Three regimes of the dynamics that come back in turn (A, B, C, A, B, C, ...), with the
+    same noise level: after a change, a model that has adapted is as good as before it.
 
 Every series comes from :func:`numpy.random.default_rng` with a fixed seed and every float is
 written as ``%.6f``, so the files are byte-identical on every run.
@@ -39,6 +42,11 @@ SYMBOLS = {
     "BBB": (150.0, 1200.0, (1000, "volatility_jump")),
     "CCC": (900.0, 300.0, (1300, "dynamics_shift")),
 }
+
+RECURRING_ROWS = 7200
+RECURRING_SEGMENT = 600
+#: Per regime: (name, coefficient on the last value, coefficient on the driver's last value).
+RECURRING_REGIMES = [("persistent", 0.9, 0.5), ("alternating", -0.8, 0.5), ("inverse", 0.3, -1.0)]
 
 
 def hourly(n: int) -> pd.DatetimeIndex:
@@ -226,6 +234,52 @@ def make_symbols(seed: int = 1) -> tuple[pd.DataFrame, list[dict]]:
     return frame.drop(columns="step").reset_index(drop=True), change_points
 
 
+def make_recurring(seed: int = 2) -> tuple[pd.DataFrame, list[dict]]:
+    """Build the ``recurring`` scenario: three regimes that come back in turn.
+
+    ``driver`` is an observed AR(1) series; ``value`` (the target) follows the regime of its
+    segment (``RECURRING_SEGMENT`` rows, regimes in the order of :data:`RECURRING_REGIMES`,
+    then again)::
+
+        value[t] = a * value[t-1] + b * driver[t-1] + 0.5 * eps[t]
+
+    Parameters
+    ----------
+    seed : int
+        Seed of the random generator.
+
+    Returns
+    -------
+    frame : pandas.DataFrame
+        Columns ``timestamp, driver, value``.
+    change_points : list of dict
+        ``{"timestamp", "kind", "row"}`` for each change; ``kind`` names the new regime.
+
+    """
+    rng = np.random.default_rng(seed)
+    n = RECURRING_ROWS
+    stamps = hourly(n)
+    driver = ar1(rng, n, 0.8, 1.0)
+    regime = (np.arange(n) // RECURRING_SEGMENT) % len(RECURRING_REGIMES)
+    eps = rng.normal(0.0, 0.5, n)
+    value = np.zeros(n)
+    for t in range(1, n):
+        _, a, b = RECURRING_REGIMES[regime[t]]
+        value[t] = a * value[t - 1] + b * driver[t - 1] + eps[t]
+    frame = pd.DataFrame(
+        {"timestamp": stamps.strftime(TIME_FORMAT), "driver": driver, "value": value}
+    )
+    change_points = [
+        {
+            "timestamp": stamps[row].strftime(TIME_FORMAT),
+            "kind": RECURRING_REGIMES[regime[row]][0],
+            "row": row,
+        }
+        for row in range(RECURRING_SEGMENT, n, RECURRING_SEGMENT)
+    ]
+    return frame, change_points
+
+
 def write(name: str, frame: pd.DataFrame, change_points: list[dict]) -> None:
     """Write ``<name>.csv`` and ``<name>.changepoints.json`` next to this script.
 
@@ -248,6 +302,7 @@ def main() -> None:
     """Regenerate every bundled scenario's CSV and change-point file."""
     write("default", *make_default())
     write("symbols", *make_symbols())
+    write("recurring", *make_recurring())
 
 
 if __name__ == "__main__":
