@@ -323,10 +323,11 @@ class StackedLearners:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.flat_.copy_(state["params"])  # in place: the layer views stay valid
+        # All in place: the layer views and a compiled kernel's views stay valid.
+        self.flat_.copy_(state["params"])
         self.flat_momentum_.copy_(state["momentum"])
-        self.steps_ = state["steps"].to(self.device)
-        self.skipped_steps_ = state["skipped_steps"].to(self.device)
+        self.steps_.copy_(state["steps"])
+        self.skipped_steps_.copy_(state["skipped_steps"])
 
 
 class StackedForecaster:
@@ -406,6 +407,7 @@ class StackedForecaster:
         self.baseline_squared_error_ = torch.zeros(n_keys, dtype=torch.float64, device=device)
         self.scored_ = torch.zeros(n_keys, dtype=torch.long, device=device)
         self._all_keys = torch.arange(n_keys, device=device)
+        self._kernel_args: tuple[Any, ...] | None = None
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -479,23 +481,30 @@ class StackedForecaster:
         keys_np = (
             self._all_keys.numpy() if keys is None else np.ascontiguousarray(keys.cpu().numpy())
         )
-        learners, c = self.learners, self.learners.config
         out = np.empty((len(keys_np), self.horizon, len(self._index)), np.float32)
-        _fleet_step(
-            keys_np, keys is None, rows_np, self._index.numpy(), self.rows_.numpy(),
-            self.targets_seen_.numpy(), self.mean_.numpy(), self.m2_.numpy(),
-            self.window_.numpy(), self.pending_window_.numpy(), self.pending_center_.numpy(),
-            self.pending_scale_.numpy(), self.pending_forecast_.numpy(),
-            self.pending_last_.numpy(), self.squared_error_.numpy(),
-            self.baseline_squared_error_.numpy(), self.scored_.numpy(),
-            *learners.layers_keys_last(learners.storage_),
-            *learners.layers_keys_last(learners.momentum_storage_),
-            learners.steps_.numpy(), learners.skipped_steps_.numpy(), learners.hidden,
-            ACTIVATION_CODES.get(c.activation, 0), c.subtract_last, np.float32(c.lr),
-            np.float32(c.momentum), np.float32(c.weight_decay),
-            np.float32(-1.0 if c.grad_clip is None else c.grad_clip), out,
-        )  # fmt: skip
+        _fleet_step(keys_np, keys is None, rows_np, *self._kernel_state(), out)
         return torch.from_numpy(out)
+
+    def _kernel_state(self) -> tuple[Any, ...]:
+        """The kernel's view of the state: numpy views of the tensors, made once (every update
+        is in place, so they stay valid) because making them costs more than a small tick."""
+        if self._kernel_args is None:
+            learners, c = self.learners, self.learners.config
+            self._kernel_args = (
+                self._index.numpy(), self.rows_.numpy(), self.targets_seen_.numpy(),
+                self.mean_.numpy(), self.m2_.numpy(), self.window_.numpy(),
+                self.pending_window_.numpy(), self.pending_center_.numpy(),
+                self.pending_scale_.numpy(), self.pending_forecast_.numpy(),
+                self.pending_last_.numpy(), self.squared_error_.numpy(),
+                self.baseline_squared_error_.numpy(), self.scored_.numpy(),
+                *learners.layers_keys_last(learners.storage_),
+                *learners.layers_keys_last(learners.momentum_storage_),
+                learners.steps_.numpy(), learners.skipped_steps_.numpy(), learners.hidden,
+                ACTIVATION_CODES.get(c.activation, 0), c.subtract_last, np.float32(c.lr),
+                np.float32(c.momentum), np.float32(c.weight_decay),
+                np.float32(-1.0 if c.grad_clip is None else c.grad_clip),
+            )  # fmt: skip
+        return self._kernel_args
 
     def metrics(self) -> dict[str, Any]:
         """Prequential MSE over all keys' scored forecasts, beside the last-value forecast's."""
