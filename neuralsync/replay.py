@@ -27,7 +27,7 @@ from neuralsync.registry import load_plugin
 from neuralsync.scenarios import load_change_points
 from neuralsync.state import CheckpointStore, state_digest
 
-__all__ = ["ReplayRun", "replay"]
+__all__ = ["ReplayRun", "csv_source", "replay"]
 
 #: Progress callback: ``(rows done, rows in total or None)``.
 ProgressCallback = Callable[[int, int | None], None]
@@ -38,6 +38,25 @@ class _JsonLines(ResumableFile):
 
     def write_record(self, record: dict[str, Any]) -> None:
         self.write(json.dumps(record) + "\n")
+
+
+def csv_source(scenario: Scenario, *, paced: bool = True) -> Source:
+    """The source that reads ``scenario``'s CSV (the ``csv`` source plugin); ``paced=False``
+    ignores its ``realtime_factor``."""
+    if scenario.csv is None:
+        raise ConfigError(
+            f"scenario '{scenario.name}': no `csv` to replay; name the CSV file in the scenario "
+            "or pass a source"
+        )
+    return load_plugin("neuralsync.sources", "csv")(
+        scenario.csv,
+        timestamp=scenario.timestamp,
+        columns=scenario.inputs,
+        key=scenario.key,
+        timestamp_format=scenario.timestamp_format,
+        chunk_size=scenario.chunk_size,
+        realtime_factor=scenario.realtime_factor if paced else None,
+    )
 
 
 class ReplayRun:
@@ -96,21 +115,7 @@ class ReplayRun:
         self.seconds_this_run = 0.0
 
     def _csv_source(self) -> Source:
-        s = self.scenario
-        if s.csv is None:
-            raise ConfigError(
-                f"scenario '{s.name}': no `csv` to replay; name the CSV file in the scenario "
-                "or pass a source"
-            )
-        return load_plugin("neuralsync.sources", "csv")(
-            s.csv,
-            timestamp=s.timestamp,
-            columns=s.inputs,
-            key=s.key,
-            timestamp_format=s.timestamp_format,
-            chunk_size=s.chunk_size,
-            realtime_factor=s.realtime_factor,
-        )
+        return csv_source(self.scenario)
 
     def _restore(self) -> dict[str, Any] | None:
         try:

@@ -30,6 +30,7 @@ from neuralsync.base import Adapter, Gate, GateDecision, Proposal, RegimeChange
 from neuralsync.config import Scenario, load_scenario
 from neuralsync.lag import lag_from_predictions
 from neuralsync.learner import OnlineLearner
+from neuralsync.replay import csv_source
 
 __all__ = ["METHODS", "ResetAdapter", "etth2_scenario", "run_adaptation", "run_method"]
 
@@ -86,19 +87,6 @@ def etth2_scenario(path: Path | None = None) -> Scenario:
     )
 
 
-def _source(scenario: Scenario):
-    from neuralsync.registry import load_plugin
-
-    return load_plugin("neuralsync.sources", "csv")(
-        scenario.csv,
-        timestamp=scenario.timestamp,
-        columns=scenario.inputs,
-        key=scenario.key,
-        timestamp_format=scenario.timestamp_format,
-        chunk_size=scenario.chunk_size,
-    )
-
-
 def run_method(scenario: Scenario, method: str, rows: int | None = None) -> dict[str, Any]:
     """Replay ``rows`` rows of ``scenario`` with one method; its forecasts and figures."""
     from neuralsync.meta import MetaAdapter
@@ -126,7 +114,7 @@ def run_method(scenario: Scenario, method: str, rows: int | None = None) -> dict
         adapter.on_regime_change = timed  # type: ignore[method-assign]
     predictions = []
     started = time.perf_counter()
-    for batch in _source(scenario):
+    for batch in csv_source(scenario, paced=False):
         if rows is not None:
             batch = batch.slice(0, max(0, rows - pipeline.position_))
             if not len(batch):
