@@ -552,20 +552,13 @@ class Pipeline:
         canary_y: torch.Tensor,
     ) -> None:
         decision = self.gate.decide(proposal, live_errors, canary_x, canary_y)
+        # One dict, not two keyword spreads: a detail named like a gate figure (or like
+        # `accepted`) must not stop the stream with a TypeError; the gate's own fields win.
+        details = {**proposal.details, **decision.figures, "accepted": decision.accepted}
         if proposal.event is not None:
-            self._emit(
-                proposal.event,
-                accepted=decision.accepted,
-                **decision.figures,
-                **proposal.details,
-            )
+            self._emit(proposal.event, **details)
         self._emit(
-            "gate_decision",
-            source=proposal.source,
-            accepted=decision.accepted,
-            reason=decision.reason,
-            **decision.figures,
-            **proposal.details,
+            "gate_decision", **{**details, "source": proposal.source, "reason": decision.reason}
         )
         if not decision.accepted:
             return

@@ -711,3 +711,26 @@ def test_a_missing_column_is_a_config_error_naming_it():
     batch = frame_to_batch(frame, timestamp="t", columns=["xx", "y"])
     with pytest.raises(ConfigError, match=r"column 'x' named in the scenario.*did you mean 'xx'"):
         pipeline.process(batch)
+
+
+def test_a_proposal_detail_named_like_a_gate_figure_does_not_crash_the_stream():
+    class Shadowing(Adapter):
+        name = "shadowing"
+
+        def on_regime_change(self, change, live, support_x, support_y):
+            details = {"accepted": "mine", "source": "mine", "reason": "mine"}
+            return Proposal(live.clone(), source="shadowing", details=details)
+
+    events = []
+    pipeline = Pipeline(
+        _scenario(features=[], detector={"type": "adwin"}, adaptation={"canary_size": 8}),
+        adapters=[Shadowing()],
+    )
+    pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
+    for batch in DataFrameSource(_shift_frame(), timestamp="t", columns=["y"], chunk_size=100):
+        pipeline.process(batch)
+    decisions = [e for e in events if e["type"] == "gate_decision"]
+    assert decisions, "the shift should have produced a regime change and a gate decision"
+    for decision in decisions:
+        assert isinstance(decision["accepted"], bool)
+        assert decision["source"] == "shadowing" and decision["reason"] != "mine"
