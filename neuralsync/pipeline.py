@@ -428,10 +428,12 @@ class Pipeline:
             self._learn_from(state.pending.popleft())
 
     def _issue_forecast(self, state: _SeriesState, timestamp: Any) -> None:
-        window = state.scaler.transform(state.ordered_window()).astype(np.float32)
+        # The scaler's statistics once: each property call recomputes them.
+        center, std = state.scaler.center, state.scaler.std
+        window = ((state.ordered_window() - center) / std).astype(np.float32)
         forecast = self.learner.predict(window[None])[0]
-        center = state.scaler.center[self.target_index].copy()
-        scale = state.scaler.std[self.target_index].copy()
+        center = center[self.target_index].copy()
+        scale = std[self.target_index].copy()
         state.pending.append(
             _Pending(
                 row=state.rows,
@@ -458,8 +460,11 @@ class Pipeline:
         self.counts_["labelled"] += 1
         self._learn_buffer.append((pending.window, target))
         if len(self._learn_buffer) >= self.scenario.model.batch_size:
-            windows = np.stack([w for w, _ in self._learn_buffer])
-            targets = np.stack([t for _, t in self._learn_buffer])
+            if len(self._learn_buffer) == 1:  # the common batch of one: no stacking
+                windows, targets = self._learn_buffer[0][0][None], self._learn_buffer[0][1][None]
+            else:
+                windows = np.stack([w for w, _ in self._learn_buffer])
+                targets = np.stack([t for _, t in self._learn_buffer])
             self._learn_buffer.clear()
             loss = self.learner.learn(windows, targets)
             if not np.isfinite(loss):
