@@ -2,9 +2,10 @@
 
 A fleet of per-key models (one per symbol, sensor or customer) does not need a Python loop
 over keys: with every key's weights stacked into ``(keys, ...)`` tensors, the keys that tick
-together forecast and take their SGD steps as a handful of batched tensor operations, on the
-CPU or on CUDA. Gradients are written out by hand (the network is two matrix products), so no
-autograd graph is built per step, and each key's step is exactly the reference path's: its own
+together forecast and take their SGD steps in one go: on the CPU as one compiled kernel per
+tick with the keys as SIMD lanes (parameters stored keys-last), on CUDA as a handful of batched
+tensor operations. Gradients are written out by hand (the network is two matrix products), so
+no autograd graph is built per step, and each key's step is the reference path's: its own
 loss, its own gradient-norm clip, its own momentum buffer.
 
 :class:`StackedLearners` is the model fleet; :class:`StackedForecaster` adds what the pipeline
@@ -346,8 +347,8 @@ class StackedForecaster:
     n_keys, n_inputs, lookback, horizon, target_index, device, seed
         As for :class:`StackedLearners`.
     backend
-        ``numba``: one compiled kernel per tick, looping over the keys on all CPU cores (the
-        CPU default); ``torch``: batched tensor operations (the default on CUDA). Both give the
+        ``numba``: one compiled kernel per tick, with the keys as SIMD lanes (the CPU
+        default); ``torch``: batched tensor operations (the default on CUDA). Both give the
         same numbers within float32 rounding.
 
     Examples
