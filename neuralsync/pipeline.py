@@ -212,6 +212,8 @@ class Pipeline:
         self._columns: list[str] | None = None
         self._change_points = None
         self.change_point_positions_: list[int | None] = []
+        self._change_point_keys: list[str] | None = None
+        self.change_point_key_rows_: list[int | None] = []
         self.on_prediction: Callable[[list[Prediction]], None] | None = None
         #: While true, forecasts are still issued and scored and the detector still watches
         #: them, but the live model takes no learning step and no adapter is consulted: the
@@ -239,10 +241,21 @@ class Pipeline:
             self._rng = _rng_states()
             _set_rng_states(outside)
 
-    def set_change_points(self, timestamps: Sequence[Any]) -> None:
-        """Tell the pipeline the true change points (in the stream's time) to score detection."""
-        self._change_points = np.asarray(sorted(timestamps))
+    def set_change_points(
+        self, timestamps: Sequence[Any], keys: Sequence[str | None] | None = None
+    ) -> None:
+        """Tell the pipeline the true change points (in the stream's time) to score detection.
+
+        With ``keys`` (the key each change happens to), each change is scored against its own
+        key's detections, with delays and the tolerance counted in that key's rows rather than
+        in rows of the whole stream; without them (or if any is ``None``), against all.
+        """
+        order = sorted(range(len(timestamps)), key=lambda j: timestamps[j])
+        self._change_points = np.asarray([timestamps[j] for j in order])
+        keyed = keys is not None and all(k is not None for k in keys)
+        self._change_point_keys = [str(keys[j]) for j in order] if keyed else None
         self.change_point_positions_ = [None] * len(self._change_points)
+        self.change_point_key_rows_: list[int | None] = [None] * len(self._change_points)
 
     def _bind_columns(self, batch: Batch) -> None:
         missing = [c for c in self.inputs if c not in batch.columns]
@@ -345,10 +358,10 @@ class Pipeline:
             if row is None:
                 return
         self.stream_time_ = timestamp
-        self._track_change_points(timestamp)
         state.last_timestamp = timestamp
         state.last_values = row
         state.rows += 1
+        self._track_change_points(timestamp, key, state.rows)
         self._observe_truths(state, key, row, out)
         state.scaler.learn_one(row)
         state.window[(state.rows - 1) % len(state.window)] = row
@@ -383,12 +396,17 @@ class Pipeline:
         self.counts_["dropped_rows"] += 1
         return None
 
-    def _track_change_points(self, timestamp: Any) -> None:
+    def _track_change_points(self, timestamp: Any, key: str, key_rows: int) -> None:
         if self._change_points is None:
             return
+        keys = self._change_point_keys
         for j, change in enumerate(self._change_points):
-            if self.change_point_positions_[j] is None and timestamp >= change:
+            if timestamp < change:
+                break  # sorted: the later ones are not reached either
+            if self.change_point_positions_[j] is None:
                 self.change_point_positions_[j] = self.position_
+            if keys is not None and keys[j] == key and self.change_point_key_rows_[j] is None:
+                self.change_point_key_rows_[j] = key_rows
 
     def _observe_truths(
         self, state: _SeriesState, key: str, row: np.ndarray, out: list[Prediction]
@@ -484,6 +502,7 @@ class Pipeline:
             "position": self.position_,
             "stream_time": self._stream_time(self.stream_time_),
             "key": key or None,
+            "key_row": self.series[key].rows,  # the key's own row count, for keyed scoring
         }
         self.detections_.append(detection)
         self._emit("regime_change", key=key or None, detector=self.scenario.detector.type)
@@ -640,15 +659,37 @@ class Pipeline:
         if self.scenario.key is not None:
             summary["per_key"] = {k: s.metrics.summary() for k, s in sorted(self.series.items())}
         if self._change_points is not None:
-            reached = [p for p in self.change_point_positions_ if p is not None]
-            detection = match_detections(
-                reached,
-                [d["position"] for d in self.detections_],
-                self.scenario.change_point_tolerance,
-            )
-            detection["tolerance_rows"] = self.scenario.change_point_tolerance
-            summary["detection"] = detection
+            summary["detection"] = self._score_detections()
         return summary
+
+    def _score_detections(self) -> dict[str, Any]:
+        tolerance = self.scenario.change_point_tolerance
+        keys = self._change_point_keys
+        if keys is None:
+            reached = [p for p in self.change_point_positions_ if p is not None]
+            result = match_detections(reached, [d["position"] for d in self.detections_], tolerance)
+            result["tolerance_rows"] = tolerance
+            return result
+        # Per key, in that key's own rows; detections on keys without a change are false alarms.
+        result = {"true_change_points": 0, "detected": 0, "missed": 0, "false_alarms": 0}
+        delays: dict[int, int | None] = {}  # by change point, in stream-time order
+        for key in sorted({*keys, *(d["key"] or "" for d in self.detections_)}):
+            reached = [
+                (j, rows)
+                for j, (k, rows) in enumerate(zip(keys, self.change_point_key_rows_, strict=True))
+                if k == key and rows is not None
+            ]
+            found = [d["key_row"] for d in self.detections_ if (d["key"] or "") == key]
+            part = match_detections([rows for _, rows in reached], found, tolerance)
+            for name in result:
+                result[name] += part[name]
+            delays.update(zip((j for j, _ in reached), part["delays"], strict=True))
+        measured = [d for d in delays.values() if d is not None]
+        result["delays"] = [delays[j] for j in sorted(delays)]
+        result["mean_delay"] = sum(measured) / len(measured) if measured else None
+        result["tolerance_rows"] = tolerance
+        result["per_key_rows"] = True
+        return result
 
     # -- state ------------------------------------------------------------------------------
 
@@ -665,6 +706,7 @@ class Pipeline:
             "counts": dict(self.counts_),
             "detections": list(self.detections_),
             "change_point_positions": list(self.change_point_positions_),
+            "change_point_key_rows": list(self.change_point_key_rows_),
             "learn_buffer": [
                 (torch.from_numpy(w), torch.from_numpy(t)) for w, t in self._learn_buffer
             ],
@@ -689,6 +731,7 @@ class Pipeline:
         self.counts_ = collections.Counter(state["counts"])
         self.detections_ = list(state["detections"])
         self.change_point_positions_ = list(state["change_point_positions"])
+        self.change_point_key_rows_ = list(state["change_point_key_rows"])
         self._learn_buffer = [(w.numpy(), t.numpy()) for w, t in state["learn_buffer"]]
         self._recent.clear()
         self._recent.extend((w.numpy(), t.numpy(), float(e)) for w, t, e in state["recent"])

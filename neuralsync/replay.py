@@ -24,7 +24,7 @@ from neuralsync.events import Event, format_stream_time
 from neuralsync.files import ResumableFile
 from neuralsync.pipeline import Pipeline
 from neuralsync.registry import load_plugin
-from neuralsync.scenarios import load_change_points
+from neuralsync.scenarios import load_change_point_keys, load_change_points
 from neuralsync.state import CheckpointStore, state_digest
 
 __all__ = ["ReplayRun", "csv_source", "replay"]
@@ -92,7 +92,9 @@ class ReplayRun:
         self.pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
         self.change_points = load_change_points(scenario)
         if self.change_points is not None:
-            self.pipeline.set_change_points(self.change_points)
+            # Keyed scenarios score each change against its own key (when the file says which).
+            keys = load_change_point_keys(scenario) if scenario.key else None
+            self.pipeline.set_change_points(self.change_points, keys=keys)
         self.source = source or self._csv_source()
         snapshot = self._restore() if resume else None
         if snapshot is None:

@@ -13,7 +13,13 @@ import yaml
 from neuralsync.config import Scenario
 from neuralsync.errors import ConfigError, suggest
 
-__all__ = ["bundled_dir", "list_scenarios", "load_change_points", "resolve_scenario"]
+__all__ = [
+    "bundled_dir",
+    "list_scenarios",
+    "load_change_point_keys",
+    "load_change_points",
+    "resolve_scenario",
+]
 
 
 def bundled_dir() -> Path:
@@ -75,6 +81,18 @@ def load_change_points(scenario: Scenario) -> list[int | float] | None:
     Accepts a list in the scenario, or a JSON file holding a list or
     ``{"change_points": [{"timestamp": ...}, ...]}``.
     """
+    entries = _change_point_entries(scenario)
+    return None if entries is None else [time for time, _ in entries]
+
+
+def load_change_point_keys(scenario: Scenario) -> list[str | None] | None:
+    """The key each true change point happens to (its entry's ``"key"``; ``None`` where an
+    entry names none), in the order of :func:`load_change_points`; ``None`` without any."""
+    entries = _change_point_entries(scenario)
+    return None if entries is None else [key for _, key in entries]
+
+
+def _change_point_entries(scenario: Scenario) -> list[tuple[int | float, str | None]] | None:
     spec = scenario.change_points
     if spec is None:
         return None
@@ -94,8 +112,9 @@ def load_change_points(scenario: Scenario) -> list[int | float] | None:
             f"{origin}: expected a list of change points or "
             '{"change_points": [{"timestamp": ...}, ...]}'
         )
-    times = []
+    entries = []
     for entry in spec:
         value = entry.get("timestamp") if isinstance(entry, dict) else entry
-        times.append(_parse_time(value, origin))
-    return sorted(times)
+        key = entry.get("key") if isinstance(entry, dict) else None
+        entries.append((_parse_time(value, origin), None if key is None else str(key)))
+    return sorted(entries, key=lambda entry: entry[0])

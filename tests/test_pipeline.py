@@ -734,3 +734,28 @@ def test_a_proposal_detail_named_like_a_gate_figure_does_not_crash_the_stream():
     for decision in decisions:
         assert isinstance(decision["accepted"], bool)
         assert decision["source"] == "shadowing" and decision["reason"] != "mine"
+
+
+def test_keyed_change_points_are_scored_in_their_own_key_rows():
+    """A change of key 'a' detected late in stream rows but promptly in 'a's own rows counts."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(900):
+        for key in ("a", "b", "c"):
+            level = 6.0 if key == "a" and i >= 450 else 0.0
+            rows.append({"t": float(i), "k": key, "y": level + rng.normal(0.0, 0.3)})
+    frame = pd.DataFrame(rows)
+    scenario = _scenario(
+        features=[], key="k", detector={"type": "adwin"}, change_point_tolerance=150
+    )
+    pipeline = Pipeline(scenario)
+    pipeline.set_change_points([450.0], keys=["a"])
+    for batch in DataFrameSource(frame, timestamp="t", columns=["y"], key="k", chunk_size=300):
+        pipeline.process(batch)
+    detection = pipeline.metrics()["detection"]
+    assert detection["per_key_rows"] is True
+    assert detection["true_change_points"] == 1 and detection["detected"] == 1
+    (delay,) = detection["delays"]
+    assert 0 <= delay < 150  # in 'a's rows; the same delay in stream rows is about 3x larger
+    on_a = [d for d in pipeline.detections_ if d["key"] == "a"]
+    assert on_a and on_a[0]["key_row"] - 451 == delay
