@@ -10,7 +10,7 @@ from typing import Any
 from neuralsync.config import Scenario
 from neuralsync.forecaster import OnlineForecaster
 
-__all__ = ["freeze_bar", "make_forecaster"]
+__all__ = ["FORECASTER_SETTINGS", "forecaster_from", "freeze_bar", "make_forecaster"]
 
 
 def make_forecaster(
@@ -49,6 +49,17 @@ def make_forecaster(
             f"a backtest trades one target; the scenario has {forecaster.scenario.targets}"
         )
     return forecaster
+
+
+#: The parameters of :func:`make_forecaster`, which every adapter exposes under these names.
+FORECASTER_SETTINGS = ("target", "features", "lookback", "horizon", "hidden", "lr", "seed",
+                       "normalization", "halflife", "detector", "scenario", "options")  # fmt: skip
+
+
+def forecaster_from(holder: Any) -> OnlineForecaster:
+    """:func:`make_forecaster` with each setting read from ``holder``'s attribute of that name
+    (a backtesting.py strategy's class parameters, a backtrader strategy's ``params``)."""
+    return make_forecaster(**{name: getattr(holder, name) for name in FORECASTER_SETTINGS})
 
 
 def freeze_bar(freeze_after: int | float | None, bars: int) -> int | None:

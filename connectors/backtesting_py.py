@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from backtesting import Strategy
 
-from connectors.backtest_forecaster import freeze_bar, make_forecaster
+from connectors.backtest_forecaster import forecaster_from, freeze_bar
 from neuralsync.config import Scenario
 
 __all__ = ["BuyAndHold", "NeuralSyncStrategy", "forecast_series"]
@@ -81,20 +81,7 @@ class NeuralSyncStrategy(Strategy):
     freeze_after: int | float | None = None
 
     def init(self) -> None:
-        self.forecaster = make_forecaster(
-            target=self.target,
-            features=self.features,
-            lookback=self.lookback,
-            horizon=self.horizon,
-            hidden=self.hidden,
-            lr=self.lr,
-            seed=self.seed,
-            normalization=self.normalization,
-            halflife=self.halflife,
-            detector=self.detector,
-            scenario=self.scenario,
-            options=self.options,
-        )
+        self.forecaster = forecaster_from(self)
         self._target = self.forecaster.scenario.targets[0]
         self._features = list(self.forecaster.scenario.features)
         # Only the number of bars is read here, to place the freeze; no price is.

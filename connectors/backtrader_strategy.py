@@ -14,7 +14,7 @@ import backtrader as bt
 import numpy as np
 import pandas as pd
 
-from connectors.backtest_forecaster import freeze_bar, make_forecaster
+from connectors.backtest_forecaster import forecaster_from, freeze_bar
 
 __all__ = ["NeuralSyncBacktraderStrategy"]
 
@@ -48,20 +48,7 @@ class NeuralSyncBacktraderStrategy(bt.Strategy):
 
     def __init__(self) -> None:
         p = self.params
-        self.forecaster = make_forecaster(
-            target=p.target,
-            features=tuple(p.features),
-            lookback=p.lookback,
-            horizon=p.horizon,
-            hidden=p.hidden,
-            lr=p.lr,
-            seed=p.seed,
-            normalization=p.normalization,
-            halflife=p.halflife,
-            detector=p.detector,
-            scenario=p.scenario,
-            options=p.options,
-        )
+        self.forecaster = forecaster_from(p)
         self._target = self.forecaster.scenario.targets[0]
         self._features = list(self.forecaster.scenario.features)
         # Only the feed's length is read here, to place the freeze; no price is.
