@@ -36,7 +36,8 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """The live model and how it learns online."""
 
-    type: Literal["mlp", "linear"] = "mlp"
+    #: ``genome``: a network the evolution engine designed, described by ``genome``.
+    type: Literal["mlp", "linear", "genome"] = "mlp"
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32])
     activation: Literal["relu", "tanh", "gelu", "silu"] = "relu"
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -54,6 +55,9 @@ class ModelConfig(_Strict):
     #: Run forecasts and SGD steps on the compiled fast path when the model allows it (see
     #: ``neuralsync.fast``); false forces the reference torch path.
     fast_path: bool = True
+    #: With ``type: genome``, the architecture as JSON (see ``neuralsync.evolution.genome``);
+    #: the optimiser settings above still apply.
+    genome: dict[str, Any] | None = None
 
 
 class DetectorConfig(_Strict):

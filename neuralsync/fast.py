@@ -50,6 +50,8 @@ def fast_path_reason(config: ModelConfig, device: torch.device | str = "cpu") ->
             f"optimizer '{config.optimizer}' (the fast path implements SGD with momentum and "
             "weight decay)"
         )
+    if config.type == "genome":
+        return "an evolved network (the fast path runs the plain window MLP)"
     if config.type == "mlp" and len(config.hidden) > 1:
         return f"{len(config.hidden)} hidden layers (the fast path has at most one)"
     if config.type == "mlp" and config.activation not in ACTIVATION_CODES:

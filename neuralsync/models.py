@@ -98,6 +98,12 @@ def build_module(
     config: ModelConfig, n_inputs: int, lookback: int, horizon: int, target_index: Sequence[int]
 ) -> nn.Module:
     """Build the network a :class:`~neuralsync.config.ModelConfig` describes."""
+    if config.type == "genome":
+        from neuralsync.evolution.genome import Genome  # evolution loads only when used
+
+        if config.genome is None:
+            raise ValueError("model type 'genome' needs the 'genome' setting")
+        return Genome.from_dict(config.genome).build(n_inputs, lookback, horizon, target_index)
     hidden = [] if config.type == "linear" else list(config.hidden)
     return WindowMLP(
         n_inputs=n_inputs,
