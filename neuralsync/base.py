@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Adapter",
     "Batch",
+    "Deferred",
     "Gate",
     "GateDecision",
     "Prediction",
@@ -171,6 +173,22 @@ class GateDecision:
     figures: dict[str, float]
 
 
+@dataclass
+class Deferred:
+    """A proposal being worked out in the background.
+
+    An adapter returns one from :meth:`Adapter.on_regime_change` when its work is too slow
+    for the stream's thread (evolution). The pipeline collects the result after the adapter's
+    ``result_delay`` more labelled samples — waiting there if it is not ready, so every run
+    swaps at the same position — and offers it to the gate on samples the work never saw.
+    """
+
+    future: Future[Proposal | None]
+    #: Everything :meth:`Adapter.resume` needs to start the same work again after a restore
+    #: from a snapshot taken while it ran (tensors and plain values).
+    job: dict[str, Any]
+
+
 class Adapter(abc.ABC):
     """Reacts to a regime change, and may propose a replacement for the live model.
 
@@ -183,6 +201,12 @@ class Adapter(abc.ABC):
     #: adapter, so that its support window holds data from the new regime; 0 consults it at
     #: once. The wait counts samples, so it ends at the same stream position on every run.
     support_delay: int = 0
+    #: For adapters that answer with a :class:`Deferred`: labelled samples between the start
+    #: of the work and the delivery of its result.
+    result_delay: int = 0
+    #: Deliver a :class:`Deferred` as soon as it is ready instead of at ``result_delay``
+    #: (lower latency; runs are then no longer reproducible).
+    deliver_when_ready: bool = False
 
     @abc.abstractmethod
     def on_regime_change(
@@ -191,8 +215,12 @@ class Adapter(abc.ABC):
         live: OnlineLearner,
         support_x: torch.Tensor,
         support_y: torch.Tensor,
-    ) -> Proposal | None:
-        """Return a proposal, or ``None`` to keep the live model."""
+    ) -> Proposal | Deferred | None:
+        """Return a proposal, a :class:`Deferred` one, or ``None`` to keep the live model."""
+
+    def resume(self, job: dict[str, Any]) -> Deferred:
+        """Start again the background work a :class:`Deferred` described (after a restore)."""
+        raise NotImplementedError(f"adapter '{self.name}' does not defer its work")
 
     def state_dict(self) -> dict[str, Any]:
         """What the adapter learned, for the state snapshot (tensors and plain values)."""

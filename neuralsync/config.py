@@ -19,9 +19,11 @@ from neuralsync.errors import ConfigError, suggest
 __all__ = [
     "AdaptationConfig",
     "DetectorConfig",
+    "EvolutionConfig",
     "MetaConfig",
     "ModelConfig",
     "NormalizationConfig",
+    "RollbackConfig",
     "Scenario",
     "apply_overrides",
     "load_scenario",
@@ -119,6 +121,71 @@ class MetaConfig(_Strict):
     segment_size: Annotated[int, Field(gt=1)] = 128
 
 
+class EvolutionConfig(_Strict):
+    """The evolution engine (``neuralsync.evolution``): at a regime change, a population of
+    genomes (architecture and optimiser settings) is evolved in the background on the data
+    since the change, and the best candidate is offered to the stability gate."""
+
+    #: Use the ``evolution`` adapter when ``adaptation.adapters`` names none (the default).
+    enabled: bool = True
+    #: Candidates per generation.
+    population: Annotated[int, Field(ge=2)] = 8
+    #: Generations per search.
+    generations: Annotated[int, Field(gt=0)] = 3
+    #: Candidates drawn for each tournament (selection pressure).
+    tournament_size: Annotated[int, Field(gt=0)] = 3
+    #: Share of children made by crossover of two tournament winners (then mutated).
+    crossover_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    #: Chance that a child's mutation is structural (add, remove, resize, retype a block,
+    #: toggle a skip) rather than parametric.
+    structural_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    #: Children mutate at 0.3σ, 1σ and 3σ; false mutates every child at 1σ.
+    multiscale: bool = True
+    #: Starting mutation scale σ (log space for learning rate and weight decay); progress
+    #: shrinks it, stagnation grows it.
+    sigma: Annotated[float, Field(gt=0.0)] = 0.5
+    #: Chance that the best genome survives a generation unchanged; weaker ones mutate more.
+    resonance_factor: Annotated[float, Field(ge=0.0, le=1.0)] = 0.7
+    #: Simulated annealing of the learning rate: temperature at generation 0 and its decay.
+    anneal_t0: Annotated[float, Field(ge=0.0)] = 1.0
+    anneal_cooling: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
+    #: Children start from their parent's trained weights where shapes match (Lamarckian).
+    lamarckian: bool = True
+    #: Relative noise added to inherited weights.
+    inheritance_noise: Annotated[float, Field(ge=0.0)] = 0.01
+    #: Use the surrogate: prefilter candidates predicted clearly worse, and the gate's risk check.
+    surrogate: bool = True
+    #: The gate refuses a candidate whose predicted risk (probability of being worse than
+    #: the live model) is above this.
+    risk_threshold: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
+    #: Labelled samples after the detection to wait before the search starts, so that its
+    #: data is from the new regime.
+    after_detection: Annotated[int, Field(ge=0)] = 64
+    #: Labelled samples between the start of a search and the delivery of its result. In
+    #: ``deterministic`` mode the stream waits there for a search that has not finished, so
+    #: every run makes the same swaps at the same positions; ``latency`` mode delivers as
+    #: soon as the result is ready (at least ``canary_size`` samples later).
+    result_delay: Annotated[int, Field(gt=0)] = 192
+    mode: Literal["deterministic", "latency"] = "deterministic"
+    #: Share of the search data held out as the fitness slice (the newest samples).
+    fitness_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    #: Which block types structural mutation may use.
+    block_kinds: list[Literal["mlp", "gru", "lstm", "tcn", "attention"]] = Field(
+        default_factory=lambda: ["mlp", "gru", "lstm", "tcn", "attention"]
+    )
+    #: Largest number of blocks in a genome.
+    max_blocks: Annotated[int, Field(gt=0)] = 3
+
+
+class RollbackConfig(_Strict):
+    """After a swap, the replaced model keeps learning in the shadow for a probation window;
+    if the new one's error over the window is worse by ``margin``, the old one comes back."""
+
+    enabled: bool = True
+    window: Annotated[int, Field(gt=0)] = 128
+    margin: Annotated[float, Field(ge=0.0)] = 0.05
+
+
 class AdaptationConfig(_Strict):
     """Who reacts to a regime change, and the canary check their proposals must pass."""
 
@@ -133,6 +200,10 @@ class AdaptationConfig(_Strict):
     margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     #: Meta-adaptation settings.
     meta: MetaConfig = Field(default_factory=MetaConfig)
+    #: Evolution settings.
+    evolution: EvolutionConfig = Field(default_factory=EvolutionConfig)
+    #: Rolling back a swap that made things worse.
+    rollback: RollbackConfig = Field(default_factory=RollbackConfig)
 
 
 class Scenario(_Strict):

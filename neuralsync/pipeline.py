@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuralsync.base import Adapter, Batch, Gate, Prediction, Proposal, RegimeChange
+from neuralsync.base import Adapter, Batch, Deferred, Gate, Prediction, Proposal, RegimeChange
 from neuralsync.config import Scenario
 from neuralsync.errors import ConfigError, DataError, StreamOrderError, suggest
 from neuralsync.events import Event, EventBus, format_stream_time
 from neuralsync.fast import as_fast, live_path, make_learner
+from neuralsync.gates import StabilityGate
 from neuralsync.learner import OnlineLearner, resolve_device
 from neuralsync.metrics import ForecastMetrics, match_detections
 from neuralsync.regime import RegimeDetector
@@ -114,28 +115,6 @@ class _SeriesState:
         self.metrics.load_state_dict(state["metrics"])
 
 
-class _CanaryGate(Gate):
-    """Accept a proposal whose error on the canary samples beats the live model's by ``margin``."""
-
-    def __init__(self, margin: float):
-        self.margin = margin
-
-    def decide(self, proposal, live_errors, canary_x, canary_y):
-        from neuralsync.base import GateDecision
-
-        candidate = float(proposal.learner.squared_errors(canary_x, canary_y).mean())
-        live = float(live_errors.mean())
-        accepted = bool(np.isfinite(candidate) and candidate < live * (1.0 - self.margin))
-        reason = (
-            "candidate beats the live model on the canary window"
-            if accepted
-            else "candidate does not beat the live model on the canary window"
-        )
-        return GateDecision(
-            accepted, reason, {"candidate_mse": candidate, "live_mse": live, "margin": self.margin}
-        )
-
-
 class Pipeline:
     """Forecast, score, learn and adapt over a stream of :class:`~neuralsync.base.Batch` es.
 
@@ -174,7 +153,8 @@ class Pipeline:
     ):
         self.scenario = scenario
         self.adapters = list(adapters)
-        self.gate = gate or _CanaryGate(scenario.adaptation.margin)
+        adaptation = scenario.adaptation
+        self.gate = gate or StabilityGate(adaptation.margin, adaptation.evolution.risk_threshold)
         self.events = EventBus()
         self.device = resolve_device(scenario.device)
         self.inputs = scenario.inputs
@@ -204,6 +184,12 @@ class Pipeline:
         #: Adapters waiting for their ``support_delay``: [due sample count, position, stream
         #: time, key, detector, adapter name], in due order (see :meth:`_schedule`).
         self._scheduled: list[list[Any]] = []
+        #: Background work of adapters (:class:`~neuralsync.base.Deferred`): [due sample count,
+        #: samples labelled at its start, adapter name, the change's fields, the deferred].
+        self._deferred: list[list[Any]] = []
+        #: After a swap: the replaced learner, learning in the shadow until the probation
+        #: window ends, and both models' errors over it (see :meth:`_probation_step`).
+        self._probation: dict[str, Any] | None = None
         memory = scenario.adaptation.support_size + scenario.adaptation.canary_size
         self._recent: collections.deque[tuple[np.ndarray, np.ndarray, float]] = collections.deque(
             maxlen=memory
@@ -472,8 +458,12 @@ class Pipeline:
             return
         if self._scheduled and self.counts_["labelled"] >= self._scheduled[0][0]:
             self._run_scheduled()
+        if self._deferred:
+            self._collect_deferred()
         target = ((pending.truth - pending.center) / pending.scale).astype(np.float32)
         live_error = float(((pending.forecast - target) ** 2).mean())
+        if self._probation is not None:
+            self._probation_step(pending.window, target, live_error)
         self._recent.append((pending.window, target, live_error))
         self.counts_["labelled"] += 1
         self._learn_buffer.append((pending.window, target))
@@ -563,10 +553,62 @@ class Pipeline:
         canary_y = torch.from_numpy(np.stack([s[1] for s in canary]))
         live_errors = torch.tensor([s[2] for s in canary])
         for adapter in adapters:
+            if any(entry[2] == adapter.name for entry in self._deferred):
+                self._emit(
+                    "adaptation_skipped",
+                    adapter=adapter.name,
+                    reason="its previous work is still running",
+                )
+                continue
             proposal = adapter.on_regime_change(change, self.learner, support_x, support_y)
+            if isinstance(proposal, Deferred):
+                self._defer(adapter, change, proposal)
+            elif proposal is not None:
+                self._offer(proposal, live_errors, canary_x, canary_y)
+
+    def _defer(self, adapter: Adapter, change: RegimeChange, deferred: Deferred) -> None:
+        labelled = self.counts_["labelled"]
+        # Delivered no earlier than a full canary window later: the gate then judges the
+        # result on samples the background work cannot have seen.
+        delay = max(int(adapter.result_delay), self.scenario.adaptation.canary_size)
+        where = [change.position, change.stream_time, change.key, change.detector]
+        self._deferred.append([labelled + delay, labelled, adapter.name, *where, deferred])
+        self._deferred.sort(key=lambda entry: entry[0])
+        self._emit("adaptation_started", adapter=adapter.name, deliver_after_samples=delay)
+
+    def _collect_deferred(self) -> None:
+        """Offer the background results that are due (or ready, for adapters that deliver
+        as soon as they can). A due result that is still running is waited for."""
+        labelled = self.counts_["labelled"]
+        canary_size = self.scenario.adaptation.canary_size
+        for entry in list(self._deferred):
+            due, started, name, *_, deferred = entry
+            adapter = next((a for a in self.adapters if a.name == name), None)
+            early = (
+                adapter is not None
+                and adapter.deliver_when_ready
+                and labelled - started >= canary_size
+                and deferred.future.done()
+            )
+            if labelled < due and not early:
+                continue
+            self._deferred.remove(entry)
+            proposal = deferred.future.result()
             if proposal is None:
                 continue
-            self._offer(proposal, live_errors, canary_x, canary_y)
+            samples = list(self._recent)
+            fresh = min(labelled - started, len(samples))
+            canary = samples[-canary_size:]
+            # Samples that arrived while the work ran and are not in the canary window: the
+            # candidate catches up on them first, in order, as the live model did.
+            for window, target, _ in samples[len(samples) - fresh : -canary_size]:
+                proposal.learner.learn(window[None], target[None])
+            self._offer(
+                proposal,
+                torch.tensor([s[2] for s in canary]),
+                torch.from_numpy(np.stack([s[0] for s in canary])),
+                torch.from_numpy(np.stack([s[1] for s in canary])),
+            )
 
     def _offer(
         self,
@@ -589,9 +631,50 @@ class Pipeline:
         # The canary samples are past data the new model has not seen: learn them now, in order.
         for x, y in zip(canary_x, canary_y, strict=True):
             proposal.learner.learn(x[None], y[None])
+        previous = self.learner
         self.learner = as_fast(proposal.learner)
         self.counts_["swaps"] += 1
         self._emit("swap", source=proposal.source, live_path=live_path(self.learner))
+        rollback = self.scenario.adaptation.rollback
+        if rollback.enabled:
+            self._probation = {
+                "previous": previous,
+                "source": proposal.source,
+                "remaining": rollback.window,
+                "live": 0.0,
+                "previous_error": 0.0,
+                "samples": 0,
+            }
+
+    def _probation_step(self, window: np.ndarray, target: np.ndarray, live_error: float) -> None:
+        """Score the replaced model beside the new one on a labelled sample, let it learn
+        too, and at the end of the window keep the better one (a rollback if the old)."""
+        probation = self._probation
+        previous = probation["previous"]
+        forecast = previous.predict(window[None])[0]
+        probation["previous_error"] += float(((forecast - target) ** 2).mean())
+        probation["live"] += live_error
+        probation["samples"] += 1
+        previous.learn(window[None], target[None])
+        probation["remaining"] -= 1
+        if probation["remaining"] > 0:
+            return
+        self._probation = None
+        n = probation["samples"]
+        live, old = probation["live"] / n, probation["previous_error"] / n
+        margin = self.scenario.adaptation.rollback.margin
+        figures = {"live_mse": live, "previous_mse": old, "samples": n, "margin": margin}
+        if math.isfinite(live) and live <= old * (1.0 + margin):
+            self._emit("swap_confirmed", source=probation["source"], **figures)
+            return
+        self.learner = previous
+        self.counts_["rollbacks"] += 1
+        self._emit(
+            "rollback",
+            source=probation["source"],
+            reason="the swap made the live error worse over the probation window",
+            **figures,
+        )
 
     # -- results ----------------------------------------------------------------------------
 
@@ -656,6 +739,11 @@ class Pipeline:
         summary["live_path"] = live_path(self.learner)
         summary["skipped_steps"] = self.counts_["skipped_steps"]
         summary["swaps"] = self.counts_["swaps"]
+        summary["rollbacks"] = self.counts_["rollbacks"]
+        for adapter in self.adapters:
+            report = getattr(adapter, "metrics", None)
+            if report is not None:
+                summary[adapter.name] = report()
         if self.scenario.key is not None:
             summary["per_key"] = {k: s.metrics.summary() for k, s in sorted(self.series.items())}
         if self._change_points is not None:
@@ -713,6 +801,13 @@ class Pipeline:
             "recent": [(torch.from_numpy(w), torch.from_numpy(t), e) for w, t, e in self._recent],
             "adapters": {a.name: a.state_dict() for a in self.adapters},
             "scheduled": [list(entry) for entry in self._scheduled],
+            "deferred": [[*entry[:-1], entry[-1].job] for entry in self._deferred],
+            "probation": None
+            if self._probation is None
+            else {
+                **self._probation,
+                "previous": self._probation["previous"].state_dict(),
+            },
             "rng": {
                 "torch": self._rng["torch"].clone(),
             },
@@ -738,6 +833,15 @@ class Pipeline:
         for adapter in self.adapters:
             adapter.load_state_dict(state["adapters"].get(adapter.name, {}))
         self._scheduled = [list(entry) for entry in state.get("scheduled", [])]
+        self._deferred = []
+        for *entry, job in state.get("deferred", []):
+            adapter = next(a for a in self.adapters if a.name == entry[2])
+            self._deferred.append([*entry, adapter.resume(job)])
+        probation = state.get("probation")
+        self._probation = None
+        if probation is not None:
+            previous = OnlineLearner.from_state_dict(probation["previous"], self.device)
+            self._probation = {**probation, "previous": as_fast(previous)}
         self._rng = {"torch": state["rng"]["torch"].clone()}
 
 
