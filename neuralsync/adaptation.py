@@ -78,22 +78,33 @@ def _meta(scenario: Scenario) -> Adapter:
     return MetaAdapter.from_scenario(scenario)
 
 
+def _evolution(scenario: Scenario) -> Adapter:
+    from neuralsync.evolution.adapter import EvolutionAdapter  # scikit-learn: only when used
+
+    return EvolutionAdapter.from_scenario(scenario)
+
+
 #: Built-in adapters by name: a factory taking the scenario.
 ADAPTERS: dict[str, Callable[[Scenario], Adapter]] = {
     "fresh_start": lambda scenario: FreshStartAdapter(),
     "meta": _meta,
+    "evolution": _evolution,
 }
 
 
 def adapter_names(scenario: Scenario) -> list[str]:
     """The adapters a scenario uses: ``adaptation.adapters``, or when that names none,
-    meta-adaptation (``meta``) unless ``adaptation.meta.enabled`` is false.
+    meta-adaptation (``meta``) and evolution (``evolution``), each unless its ``enabled`` is
+    false.
 
     >>> from neuralsync.config import Scenario
     >>> s = Scenario(name="s", timestamp="t", targets="y")
     >>> adapter_names(s)
-    ['meta']
+    ['meta', 'evolution']
     >>> s.adaptation.meta.enabled = False
+    >>> adapter_names(s)
+    ['evolution']
+    >>> s.adaptation.evolution.enabled = False
     >>> adapter_names(s)
     []
     >>> s.adaptation.adapters = ["fresh_start", "meta"]
@@ -104,7 +115,12 @@ def adapter_names(scenario: Scenario) -> list[str]:
     named = list(scenario.adaptation.adapters)
     if named:
         return named
-    return ["meta"] if scenario.adaptation.meta.enabled else []
+    adaptation = scenario.adaptation
+    return [
+        name
+        for name, config in (("meta", adaptation.meta), ("evolution", adaptation.evolution))
+        if config.enabled
+    ]
 
 
 def build_adapters(scenario: Scenario) -> list[Adapter]:

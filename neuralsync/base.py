@@ -162,6 +162,9 @@ class Proposal:
     #: An event the pipeline emits, with ``details`` and the gate's figures, just before the
     #: ``gate_decision`` (e.g. ``meta_adapt``); ``None`` for none.
     event: str | None = None
+    #: More events, ``(type, fields)``, emitted before that one (e.g. each candidate
+    #: evaluated and each generation of a search).
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,11 @@ class Adapter(abc.ABC):
         support_y: torch.Tensor,
     ) -> Proposal | Deferred | None:
         """Return a proposal, a :class:`Deferred` one, or ``None`` to keep the live model."""
+
+    def collect(self, deferred: Deferred) -> Proposal | None:
+        """The result of a :class:`Deferred`, on the stream's thread (waits if not ready):
+        where an adapter commits what the background work learned."""
+        return deferred.future.result()
 
     def resume(self, job: dict[str, Any]) -> Deferred:
         """Start again the background work a :class:`Deferred` described (after a restore)."""

@@ -552,6 +552,8 @@ class Pipeline:
         canary_x = torch.from_numpy(np.stack([s[0] for s in canary]))
         canary_y = torch.from_numpy(np.stack([s[1] for s in canary]))
         live_errors = torch.tensor([s[2] for s in canary])
+        everything_x = torch.from_numpy(np.stack([s[0] for s in samples]))
+        everything_y = torch.from_numpy(np.stack([s[1] for s in samples]))
         for adapter in adapters:
             if any(entry[2] == adapter.name for entry in self._deferred):
                 self._emit(
@@ -560,7 +562,14 @@ class Pipeline:
                     reason="its previous work is still running",
                 )
                 continue
-            proposal = adapter.on_regime_change(change, self.learner, support_x, support_y)
+            if adapter.result_delay > 0:
+                # Background work is judged at delivery, on samples that arrive meanwhile:
+                # it may use every recent sample, the current canary window included.
+                proposal = adapter.on_regime_change(
+                    change, self.learner, everything_x, everything_y
+                )
+            else:
+                proposal = adapter.on_regime_change(change, self.learner, support_x, support_y)
             if isinstance(proposal, Deferred):
                 self._defer(adapter, change, proposal)
             elif proposal is not None:
@@ -593,7 +602,12 @@ class Pipeline:
             if labelled < due and not early:
                 continue
             self._deferred.remove(entry)
-            proposal = deferred.future.result()
+            try:
+                proposal = adapter.collect(deferred) if adapter else deferred.future.result()
+            except Exception as error:  # a failed search must not stop the stream
+                self.counts_["adaptation_failures"] += 1
+                self._emit("adaptation_failed", adapter=name, reason=repr(error))
+                continue
             if proposal is None:
                 continue
             samples = list(self._recent)
@@ -621,6 +635,8 @@ class Pipeline:
         # One dict, not two keyword spreads: a detail named like a gate figure (or like
         # `accepted`) must not stop the stream with a TypeError; the gate's own fields win.
         details = {**proposal.details, **decision.figures, "accepted": decision.accepted}
+        for kind, fields in proposal.events:
+            self._emit(kind, **fields)
         if proposal.event is not None:
             self._emit(proposal.event, **details)
         self._emit(

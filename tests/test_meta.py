@@ -240,7 +240,12 @@ def _meta_scenario(**settings) -> Scenario:
         "lookback": 8,
         "model": {"type": "linear", "lr": 0.005},
         "detector": {"type": "adwin", "params": {"delta": 0.01}},
-        "adaptation": {"canary_size": 16, "meta": {"meta_steps": 5}},
+        # Evolution off: these tests watch meta-adaptation alone.
+        "adaptation": {
+            "canary_size": 16,
+            "meta": {"meta_steps": 5},
+            "evolution": {"enabled": False},
+        },
     }
     options.update(settings)
     return Scenario(**options)
@@ -281,7 +286,7 @@ def test_meta_adaptation_is_on_by_default_and_emits_its_events_in_order():
 
 def test_meta_adaptation_switches_off():
     off = _meta_scenario(adaptation={"meta": {"enabled": False}})
-    assert build_adapters(off) == []
+    assert [a.name for a in build_adapters(off)] == ["evolution"]
     named = _meta_scenario(adaptation={"adapters": ["fresh_start"]})
     assert [a.name for a in build_adapters(named)] == ["fresh_start"]
 

@@ -23,8 +23,18 @@ ROWS = 2500
 EVERY = 500
 SYMBOL_ROWS = 2400  # 800 rows per symbol: AAA's regime change is in
 SYMBOL_EVERY = 400
-#: Figures of metrics.json that describe one process's run, not the stream's result.
-PER_PROCESS = {"wall_seconds", "events_per_second", "rows_this_run"}
+#: Figures that describe one process's run, not the stream's result (at any depth of
+#: metrics.json and events, e.g. an evolution generation's wall seconds).
+PER_PROCESS = {"wall_time", "wall_seconds", "events_per_second", "rows_this_run"}
+
+
+def _stream_only(value):
+    """``value`` without the per-process figures, at any depth."""
+    if isinstance(value, dict):
+        return {k: _stream_only(v) for k, v in value.items() if k not in PER_PROCESS}
+    if isinstance(value, list):
+        return [_stream_only(v) for v in value]
+    return value
 
 
 def _shortened(folder: Path, name: str, rows: int, every: int) -> Path:
@@ -70,8 +80,7 @@ def _events(run_dir: Path, *, checkpoints: bool = True) -> list[dict]:
     """Events without wall time, checkpoint paths reduced to the file name."""
     out = []
     for line in (run_dir / "events.jsonl").read_text(encoding="utf-8").splitlines():
-        event = json.loads(line)
-        event.pop("wall_time")
+        event = _stream_only(json.loads(line))
         if event["type"] == "checkpoint":
             if not checkpoints:
                 continue
@@ -87,7 +96,7 @@ def _dead_letters(run_dir: Path) -> list[dict]:
 
 def _metrics(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    return {k: v for k, v in metrics.items() if k not in PER_PROCESS}
+    return _stream_only(metrics)
 
 
 def _final_state(run_dir: Path) -> tuple[int, str, dict]:

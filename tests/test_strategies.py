@@ -1,0 +1,193 @@
+"""Tests of the population strategies HybridES and ResonanceHPO on small synthetic problems."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from neuralsync.evolution.strategies import DEFAULT_RANGES, HybridES, ResonanceHPO
+
+
+def _regression(n: int = 600, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = (
+        torch.sin(2 * x[:, :1])
+        + 0.5 * x[:, 1:2] * x[:, 2:3]
+        + 0.05 * torch.randn(n, 1, generator=g)
+    )
+    return x[:400], y[:400], x[400:], y[400:]
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+HISTORY_FIELDS = {
+    "generation", "best_fitness", "mean_fitness", "best_before_learning", "parent_fitness",
+    "sigma", "diversity", "samples_seen", "wall_seconds",
+}  # fmt: skip
+
+
+def test_hybrid_es_improves_on_its_initial_parent_and_records_its_history():
+    x, y, xv, yv = _regression()
+    records = []
+    es = HybridES(_mlp, population=6, life_steps=15, generations=6, lr=0.05, batch_size=32, seed=1)
+    es.fit(x, y, xv, yv, callback=records.append)
+    history = es.history_
+    assert records == history and len(history) == 6
+    for record in history:
+        assert set(record) >= HISTORY_FIELDS
+        assert record["diversity"] > 0 and math.isfinite(record["mean_fitness"])
+        assert record["best_fitness"] <= record["mean_fitness"]
+    assert [r["samples_seen"] for r in history] == [6 * 15 * 32 * (g + 1) for g in range(6)]
+    initial = history[0]["parent_fitness"]
+    assert es.best_fitness_ < initial and history[-1]["best_fitness"] < initial
+    assert len({r["sigma"] for r in history}) > 1  # σ adapts
+    # The kept best model really has the fitness recorded for it.
+    loss = nn.functional.mse_loss(es.best_model_(xv), yv).item()
+    assert loss == pytest.approx(es.best_fitness_, rel=1e-5)
+    # Lamarckian: the next parent is the previous generation's best child, as trained.
+    for prev, nxt in itertools.pairwise(history):
+        assert nxt["parent_fitness"] == prev["best_fitness"]
+
+
+def test_hybrid_es_is_deterministic_and_selects_by_a_metric():
+    x, y, xv, yv = _regression()
+    yc, yvc = (y > 0).long().squeeze(1), (yv > 0).long().squeeze(1)
+
+    def classifier():
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+    def accuracy(prediction, target):
+        return float((prediction.argmax(1) == target).float().mean())
+
+    def run():
+        es = HybridES(classifier, population=4, life_steps=10, generations=3, lr=0.1,
+                      select="metric", noise="relative", seed=3)  # fmt: skip
+        return es.fit(x, yc, xv, yvc, loss=nn.functional.cross_entropy, metric=accuracy)
+
+    a, b = run(), run()
+    assert [r["metric"] for r in a.history_] == [r["metric"] for r in b.history_]
+    assert [r["best_fitness"] for r in a.history_] == [r["best_fitness"] for r in b.history_]
+    assert all(0.0 <= r["metric"] <= 1.0 for r in a.history_)
+    assert a.history_[-1]["metric"] > 0.6
+
+
+def test_hybrid_es_without_validation_scores_on_training_rows():
+    x, y, _, _ = _regression()
+    es = HybridES(_mlp(), population=3, life_steps=5, generations=2, eval_size=100, seed=0)
+    es.fit(x, y)
+    assert len(es.history_) == 2 and isinstance(es.parent_, nn.Sequential)
+    with pytest.raises(ValueError, match="give both x_val and y_val"):
+        es.fit(x, y, x_val=x)
+    with pytest.raises(ValueError, match="noise must be"):
+        HybridES(_mlp, noise="gaussian")
+
+
+def _bowl(params, seed):
+    return (math.log10(params["lr"]) + 3.5) ** 2 + (params["momentum"] - 0.8) ** 2
+
+
+def test_resonance_hpo_stays_in_range_is_deterministic_and_keeps_the_best():
+    def run(seed):
+        return ResonanceHPO(_bowl, population=8, generations=12, seed=seed).fit()
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.history_[-1]["members"] == b.history_[-1]["members"]
+    assert a.best_params_ == b.best_params_ and a.best_loss_ == b.best_loss_
+    assert a.history_[-1]["members"] != c.history_[-1]["members"]
+    for record in a.history_:
+        for member in record["members"]:
+            for name, (low, high) in DEFAULT_RANGES.items():
+                assert low <= member[name] <= high
+    assert a.best_loss_ <= a.history_[0]["best_loss"]
+    assert a.best_loss_ == min(r["best_loss"] for r in a.history_)
+    assert _bowl(a.best_params_, 0) == a.best_loss_
+    assert [r["best_loss_so_far"] for r in a.history_] == sorted(
+        (r["best_loss_so_far"] for r in a.history_), reverse=True
+    )
+
+
+def test_mutation_resonance_and_nudge_happen_as_often_and_as_far_as_specified():
+    ranges = {"a": (1e-9, 1e9), "b": (1e-9, 1e9)}
+    hpo = ResonanceHPO(
+        lambda params, seed: params["a"], population=100, generations=12, ranges=ranges,
+        mutation_rate=0.3, resonance_factor=0.7, anneal=None, seed=0,
+    )  # fmt: skip
+    hpo.fit()
+    counts = {"mutate": 0, "keep": 0, "nudge": 0}
+    for prev, nxt in itertools.pairwise(hpo.history_):
+        for old, new, action in zip(prev["members"], nxt["members"], prev["actions"], strict=True):
+            counts[action] += 1
+            # Values clipped to a range bound are left out of the ratio checks.
+            ratios = np.array([new[k] / old[k] for k in ranges if new[k] not in ranges[k]])
+            if action == "keep":
+                assert (ratios == 1).all()
+            elif action == "mutate":
+                assert ((ratios >= 0.9) & (ratios <= 1.1)).all() and (ratios != 1).all()
+            else:
+                assert ((ratios >= 0.95) & (ratios <= 1.05)).all() and (ratios != 1).all()
+    total = sum(counts.values())
+    assert total == 1100
+    # Expected: mutate 0.3, keep 0.7 × 0.7 = 0.49, nudge 0.21; 1,100 draws: ± ~0.014 (1σ).
+    assert counts["mutate"] / total == pytest.approx(0.30, abs=0.05)
+    assert counts["keep"] / total == pytest.approx(0.49, abs=0.05)
+    assert counts["nudge"] / total == pytest.approx(0.21, abs=0.05)
+
+
+def test_annealing_perturbs_the_learning_rate_less_as_generations_pass():
+    hpo = ResonanceHPO(
+        lambda params, seed: 0.0, population=200, generations=8, mutation_rate=1.0,
+        ranges={"lr": (1e-9, 1.0)}, anneal=(1.0, 0.5), seed=0,
+    )  # fmt: skip
+    hpo.fit()
+    spreads = []
+    for prev, nxt in itertools.pairwise(hpo.history_):
+        steps = [
+            math.log(n["lr"] / p["lr"])
+            for p, n in zip(prev["members"], nxt["members"], strict=True)
+        ]
+        spreads.append(float(np.std(steps)))
+    assert spreads[0] > 0.5 and spreads[-1] < 0.1
+    assert [r["temperature"] for r in hpo.history_][:3] == [1.0, 0.5, 0.25]
+
+
+def test_batched_resonance_hpo_trains_members_together_and_carries_their_weights():
+    x, y, xv, yv = _regression()
+    hpo = ResonanceHPO(
+        model=_mlp, population=5, generations=4, steps_per_generation=25, batch_size=32,
+        ranges={"lr": (1e-3, 0.1), "momentum": (0.5, 0.9), "weight_decay": (0.0, 1e-3)},
+        seed=0,
+    )  # fmt: skip
+    hpo.fit(x, y, xv, yv)
+    assert [r["steps"] for r in hpo.history_] == [125, 250, 375, 500]
+    first = [m["loss"] for m in hpo.history_[0]["members"]]
+    last = [m["loss"] for m in hpo.history_[-1]["members"]]
+    # Weights carry over: every member keeps improving its own model.
+    assert sum(last) < sum(first)
+    assert hpo.best_model_ is not None
+    loss = nn.functional.mse_loss(hpo.best_model_(xv), yv).item()
+    assert loss == pytest.approx(hpo.best_loss_, rel=1e-5)
+    again = ResonanceHPO(
+        model=_mlp, population=5, generations=4, steps_per_generation=25, batch_size=32,
+        ranges={"lr": (1e-3, 0.1), "momentum": (0.5, 0.9), "weight_decay": (0.0, 1e-3)},
+        seed=0,
+    ).fit(x, y, xv, yv)  # fmt: skip
+    assert again.history_[-1]["members"] == hpo.history_[-1]["members"]
+
+
+def test_resonance_hpo_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="either train_fn or model"):
+        ResonanceHPO()
+    with pytest.raises(ValueError, match="batched way searches"):
+        ResonanceHPO(model=_mlp, ranges={"lr": (1e-4, 1e-2), "dropout": (0, 0.5)})
+    with pytest.raises(ValueError, match="mutation_rate must be in"):
+        ResonanceHPO(_bowl, mutation_rate=1.5)
+    with pytest.raises(ValueError, match="needs x and y"):
+        ResonanceHPO(model=_mlp).fit()
