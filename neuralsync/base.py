@@ -165,6 +165,10 @@ class Proposal:
     #: More events, ``(type, fields)``, emitted before that one (e.g. each candidate
     #: evaluated and each generation of a search).
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    #: The errors the proposal made on the canary samples, forecasting each before learning
+    #: it (test-then-train, as the live model did); the gate compares these with the live
+    #: errors instead of forecasting the canary afterwards. ``None``: the gate forecasts.
+    canary_errors: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,9 @@ class Adapter(abc.ABC):
     #: Deliver a :class:`Deferred` as soon as it is ready instead of at ``result_delay``
     #: (lower latency; runs are then no longer reproducible).
     deliver_when_ready: bool = False
+    #: Labelled samples this adapter's background work learns from (the newest ones); the
+    #: pipeline keeps at least that many. 0: the support window (``adaptation.support_size``).
+    history_size: int = 0
 
     @abc.abstractmethod
     def on_regime_change(

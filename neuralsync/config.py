@@ -60,6 +60,12 @@ class ModelConfig(_Strict):
     #: With ``type: genome``, the architecture as JSON (see ``neuralsync.evolution.genome``);
     #: the optimiser settings above still apply.
     genome: dict[str, Any] | None = None
+    #: With ``type: rls``: ridge penalty the linear experts start from.
+    rls_alpha: Annotated[float, Field(gt=0.0)] = 1.0
+    #: With ``type: rls``: the linear experts' forgetting factor (1 never forgets).
+    rls_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] = 0.999
+    #: With ``type: rls``: forgetting factor of the statistics that weight the experts.
+    mixture_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] = 0.999
 
 
 class DetectorConfig(_Strict):
@@ -166,6 +172,14 @@ class EvolutionConfig(_Strict):
     #: every run makes the same swaps at the same positions; ``latency`` mode delivers as
     #: soon as the result is ready (at least ``canary_size`` samples later).
     result_delay: Annotated[int, Field(gt=0)] = 192
+    #: The winner goes live with its own optimiser genes (learning rate, momentum, weight
+    #: decay, batch size, clip). False (the default) keeps the live model's: the genes were
+    #: measured in within-life training (mini-batches, several passes over the window), not
+    #: online (one step per sample), and a rate tuned on a calm regime slows the recovery
+    #: from the next change.
+    online_genes: bool = False
+    #: Labelled samples a search learns from and is scored on: the newest at its start.
+    window: Annotated[int, Field(ge=16)] = 256
     mode: Literal["deterministic", "latency"] = "deterministic"
     #: Share of the search data held out as the fitness slice (the newest samples).
     fitness_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25

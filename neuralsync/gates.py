@@ -46,7 +46,10 @@ class CanaryGate(Gate):
         canary_x: torch.Tensor,
         canary_y: torch.Tensor,
     ) -> GateDecision:
-        candidate = float(proposal.learner.squared_errors(canary_x, canary_y).mean())
+        if proposal.canary_errors is not None:
+            candidate = float(proposal.canary_errors.mean())
+        else:
+            candidate = float(proposal.learner.squared_errors(canary_x, canary_y).mean())
         live = float(live_errors.mean())
         accepted = bool(math.isfinite(candidate) and candidate < live * (1.0 - self.margin))
         reason = (

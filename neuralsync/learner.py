@@ -47,6 +47,9 @@ class OnlineLearner:
         Positions of the targets among the input columns.
     device
         Where the network lives.
+    initialise
+        Draw fresh weights (from torch's global generator). False leaves them uninitialised,
+        for a caller that loads a state next without disturbing the global generator.
 
     Examples
     --------
@@ -71,6 +74,7 @@ class OnlineLearner:
         horizon: int,
         target_index: Sequence[int],
         device: torch.device | str = "cpu",
+        initialise: bool = True,
     ):
         self.config = config
         self.n_inputs = n_inputs
@@ -78,9 +82,19 @@ class OnlineLearner:
         self.horizon = horizon
         self.target_index = list(target_index)
         self.device = torch.device(device)
-        self.module_ = build_module(config, n_inputs, lookback, horizon, self.target_index).to(
-            self.device
-        )
+        if initialise:
+            self.module_ = build_module(config, n_inputs, lookback, horizon, self.target_index)
+            self.module_ = self.module_.to(self.device)
+        else:
+            # Weights to be loaded next: built on the meta device, so that nothing is drawn
+            # from torch's global generator (a background search must not touch it).
+            with torch.device("meta"):
+                module = build_module(config, n_inputs, lookback, horizon, self.target_index)
+            self.module_ = module.to_empty(device=self.device)
+            if hasattr(self.module_, "target_index"):  # a buffer, not a weight: set it now
+                self.module_.target_index = torch.as_tensor(
+                    self.target_index, dtype=torch.long, device=self.device
+                )
         self.optimizer_ = self._make_optimizer()
         self.steps_ = 0
         self.skipped_steps_ = 0
@@ -178,6 +192,7 @@ class OnlineLearner:
             horizon=spec["horizon"],
             target_index=spec["target_index"],
             device=device,
+            initialise=False,
         )
         learner.module_.load_state_dict(state["module"])
         learner.optimizer_.load_state_dict(state["optimizer"])

@@ -190,7 +190,14 @@ class Pipeline:
         #: After a swap: the replaced learner, learning in the shadow until the probation
         #: window ends, and both models' errors over it (see :meth:`_probation_step`).
         self._probation: dict[str, Any] | None = None
-        memory = scenario.adaptation.support_size + scenario.adaptation.canary_size
+        canary_size = scenario.adaptation.canary_size
+        # Enough for every adapter's window, and for a deferred result to catch up on all
+        # the samples that arrived while it was being made.
+        memory = max(
+            [scenario.adaptation.support_size + canary_size]
+            + [a.history_size for a in self.adapters]
+            + [a.result_delay + canary_size for a in self.adapters if a.result_delay > 0]
+        )
         self._recent: collections.deque[tuple[np.ndarray, np.ndarray, float]] = collections.deque(
             maxlen=memory
         )
@@ -546,7 +553,9 @@ class Pipeline:
             )
             return
         samples = list(self._recent)
-        support, canary = samples[:-canary_size], samples[-canary_size:]
+        support_size = self.scenario.adaptation.support_size
+        support = samples[-canary_size - support_size : -canary_size]
+        canary = samples[-canary_size:]
         support_x = torch.from_numpy(np.stack([s[0] for s in support]))
         support_y = torch.from_numpy(np.stack([s[1] for s in support]))
         canary_x = torch.from_numpy(np.stack([s[0] for s in canary]))
@@ -565,8 +574,9 @@ class Pipeline:
             if adapter.result_delay > 0:
                 # Background work is judged at delivery, on samples that arrive meanwhile:
                 # it may use every recent sample, the current canary window included.
+                size = adapter.history_size or len(samples)
                 proposal = adapter.on_regime_change(
-                    change, self.learner, everything_x, everything_y
+                    change, self.learner, everything_x[-size:], everything_y[-size:]
                 )
             else:
                 proposal = adapter.on_regime_change(change, self.learner, support_x, support_y)
@@ -611,17 +621,18 @@ class Pipeline:
             if proposal is None:
                 continue
             samples = list(self._recent)
-            fresh = min(labelled - started, len(samples))
-            canary = samples[-canary_size:]
-            # Samples that arrived while the work ran and are not in the canary window: the
-            # candidate catches up on them first, in order, as the live model did.
-            for window, target, _ in samples[len(samples) - fresh : -canary_size]:
-                proposal.learner.learn(window[None], target[None])
+            fresh = samples[len(samples) - min(labelled - started, len(samples)) :]
+            # The samples that arrived while the work ran are the canary: the work never saw
+            # them. The candidate catches up on them in order, test-then-train as the live
+            # model did, and the gate compares the two models' errors on every one of them.
+            errors = [proposal.learner.learn(w[None], t[None]) for w, t, _ in fresh]
+            proposal.canary_errors = torch.tensor(errors)
             self._offer(
                 proposal,
-                torch.tensor([s[2] for s in canary]),
-                torch.from_numpy(np.stack([s[0] for s in canary])),
-                torch.from_numpy(np.stack([s[1] for s in canary])),
+                torch.tensor([s[2] for s in fresh]),
+                torch.from_numpy(np.stack([s[0] for s in fresh])),
+                torch.from_numpy(np.stack([s[1] for s in fresh])),
+                learned=True,
             )
 
     def _offer(
@@ -630,6 +641,7 @@ class Pipeline:
         live_errors: torch.Tensor,
         canary_x: torch.Tensor,
         canary_y: torch.Tensor,
+        learned: bool = False,
     ) -> None:
         decision = self.gate.decide(proposal, live_errors, canary_x, canary_y)
         # One dict, not two keyword spreads: a detail named like a gate figure (or like
@@ -644,9 +656,10 @@ class Pipeline:
         )
         if not decision.accepted:
             return
-        # The canary samples are past data the new model has not seen: learn them now, in order.
-        for x, y in zip(canary_x, canary_y, strict=True):
-            proposal.learner.learn(x[None], y[None])
+        if not learned:
+            # The canary samples are past data the new model has not seen: learn them now.
+            for x, y in zip(canary_x, canary_y, strict=True):
+                proposal.learner.learn(x[None], y[None])
         previous = self.learner
         self.learner = as_fast(proposal.learner)
         self.counts_["swaps"] += 1
@@ -756,6 +769,7 @@ class Pipeline:
         summary["skipped_steps"] = self.counts_["skipped_steps"]
         summary["swaps"] = self.counts_["swaps"]
         summary["rollbacks"] = self.counts_["rollbacks"]
+        summary["adaptation_failures"] = self.counts_["adaptation_failures"]
         for adapter in self.adapters:
             report = getattr(adapter, "metrics", None)
             if report is not None:

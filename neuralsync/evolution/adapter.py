@@ -57,6 +57,7 @@ class EvolutionAdapter(Adapter):
         self.support_delay = self.config.after_detection
         self.result_delay = self.config.result_delay
         self.deliver_when_ready = self.config.mode == "latency"
+        self.history_size = self.config.window
         self.engine_ = EvolutionEngine(self.config, seed=seed)
         self._worker: ThreadPoolExecutor | None = None
         #: The engine copy each running search works on, by the id of its future.

@@ -160,7 +160,9 @@ class EvolutionEngine:
             raise ValueError(f"a search needs at least {n_fit + 2} samples, got {len(x)}")
         data = (x[:-n_fit], y[:-n_fit], x[-n_fit:], y[-n_fit:])
         shape = (live.n_inputs, live.lookback, live.horizon, live.target_index)
-        annealer = LearningRateAnnealer(cfg.anneal_t0, cfg.anneal_cooling)
+        # anneal_t0 = 0 switches simulated annealing off: no learning-rate perturbation, and
+        # every child takes its place whatever its fitness.
+        annealer = LearningRateAnnealer(cfg.anneal_t0 or 1.0, cfg.anneal_cooling)
         incumbent_genome = Genome.from_model_config(live.config)
         live_module = live.module_
 
@@ -210,7 +212,8 @@ class EvolutionEngine:
                 # Simulated annealing: a child worse than its parent takes a place in the
                 # population only with a probability that falls with the temperature.
                 parent = candidate.parent_fitness
-                if parent is not None and math.isfinite(parent) and candidate.fitness > parent:
+                worse = parent is not None and math.isfinite(parent) and candidate.fitness > parent
+                if worse and cfg.anneal_t0 > 0:
                     delta = _relative(candidate.fitness, parent)
                     if not annealer.accept(delta, generation, rng):
                         rejected.append(candidate)
@@ -386,8 +389,17 @@ class EvolutionEngine:
     def learner_for(self, candidate: Candidate, live: OnlineLearner) -> OnlineLearner:
         """The candidate as a live learner: its network, the live settings, its optimiser."""
         config: ModelConfig = candidate.genome.to_model_config(base=live.config)
+        if not self.config.online_genes:
+            online = ("lr", "momentum", "weight_decay", "grad_clip", "batch_size", "optimizer")
+            config = config.model_copy(update={k: getattr(live.config, k) for k in online})
         learner = OnlineLearner(
-            config, live.n_inputs, live.lookback, live.horizon, live.target_index, live.device
+            config,
+            live.n_inputs,
+            live.lookback,
+            live.horizon,
+            live.target_index,
+            live.device,
+            initialise=False,  # the candidate's weights come next; torch's generator untouched
         )
         learner.module_.load_state_dict(candidate.module.state_dict())
         return learner

@@ -1,0 +1,364 @@
+"""Tests for the evolution engine in the stream: :mod:`neuralsync.evolution.engine`, its adapter,
+the stability gate, deferred delivery and rollback (:mod:`neuralsync.pipeline`).
+
+Every search here really trains its candidates; populations, generations and windows are small
+to stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from neuralsync.adaptation import build_adapters
+from neuralsync.base import Adapter, Gate, GateDecision, Proposal
+from neuralsync.config import EvolutionConfig, ModelConfig, Scenario
+from neuralsync.evolution.adapter import EvolutionAdapter
+from neuralsync.evolution.engine import EvolutionEngine
+from neuralsync.evolution.genome import Genome
+from neuralsync.gates import StabilityGate
+from neuralsync.learner import OnlineLearner
+from neuralsync.pipeline import Pipeline
+from neuralsync.sources import DataFrameSource
+from neuralsync.state import state_digest
+
+LOOKBACK = 8
+
+
+def _windows(n: int = 160, shift: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of a noisy sine and the value after each: a small learnable task."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n + LOOKBACK + 1, dtype=np.float32)
+    series = np.sin(t / 4.0 + shift) + rng.normal(0.0, 0.05, len(t)).astype(np.float32)
+    x = np.stack([series[i : i + LOOKBACK] for i in range(n)])[:, :, None]
+    y = series[LOOKBACK : LOOKBACK + n][:, None, None]
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
+
+
+def _live(steps: int = 0) -> OnlineLearner:
+    learner = OnlineLearner(ModelConfig(hidden=[16]), 1, LOOKBACK, 1, [0])
+    x, y = _windows(200, seed=1)
+    for i in range(steps):
+        learner.learn(x[i % 200][None], y[i % 200][None])
+    return learner
+
+
+def _small(**settings) -> EvolutionConfig:
+    options = {"population": 4, "generations": 2, "block_kinds": ["mlp", "gru", "tcn"]}
+    options.update(settings)
+    return EvolutionConfig(**options)
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+
+def test_a_search_keeps_a_record_per_generation_and_never_ends_worse_than_the_incumbent():
+    x, y = _windows()
+    live = _live(100)
+    before = state_digest(live.state_dict())
+    result = EvolutionEngine(_small(generations=3), seed=0).search(live, x, y, position=7)
+    assert state_digest(live.state_dict()) == before  # the live model is read, never changed
+    assert [r["generation"] for r in result.history] == [0, 1, 2]
+    assert result.history[0]["evaluated"] == 4  # generation 0: the whole population
+    for record in result.history:
+        assert record["change_position"] == 7
+        assert record["samples_seen"] >= 0 and record["sigma"] > 0 and record["diversity"] >= 0
+        assert record["best_fitness"] <= record["mean_fitness"]
+    best = [r["best_fitness"] for r in result.history]
+    assert best == sorted(best, reverse=True)  # the best of a generation always survives
+    assert result.best.fitness <= result.incumbent_fitness
+    assert result.evaluations[0]["origin"] == "incumbent"
+    assert len(result.evaluations) == sum(r["evaluated"] for r in result.history)
+
+
+def test_the_same_search_twice_is_bit_identical_and_another_position_is_another_search():
+    x, y = _windows()
+    live = _live(50)
+    first = EvolutionEngine(_small(), seed=3).search(live, x, y, position=100)
+    again = EvolutionEngine(_small(), seed=3).search(live, x, y, position=100)
+    other = EvolutionEngine(_small(), seed=3).search(live, x, y, position=101)
+    assert first.best.genome.hash == again.best.genome.hash
+    assert first.best.fitness == again.best.fitness
+    assert state_digest(first.best.module.state_dict()) == state_digest(
+        again.best.module.state_dict()
+    )
+    assert [e["genome"] for e in first.evaluations] != [e["genome"] for e in other.evaluations]
+
+
+def test_lamarckian_inheritance_starts_the_search_from_the_live_weights():
+    """A well-trained live model, and a short life: inheriting its weights scores far better
+    than starting every candidate from a fresh initialisation."""
+    x, y = _windows(seed=1)
+    live = _live(2000)
+    cfg = {"population": 2, "generations": 1, "anneal_t0": 0.0}
+    inherited = EvolutionEngine(_small(**cfg), seed=0).search(live, x, y, position=0)
+    fresh = EvolutionEngine(_small(lamarckian=False, **cfg), seed=0).search(live, x, y, 0)
+    assert inherited.incumbent_fitness < 0.5 * fresh.incumbent_fitness
+
+
+def test_a_surrogate_that_predicts_every_child_clearly_worse_keeps_them_untrained():
+    x, y = _windows()
+    live = _live(50)
+    engine = EvolutionEngine(_small(generations=3), seed=0)
+    # Teach the surrogate that everything is ten times worse than the incumbent.
+    rng = np.random.default_rng(0)
+    base = Genome.from_model_config(live.config)
+    regime = np.zeros(len(engine_features(engine, live)) - len(base.encode(engine.space)))
+    for _ in range(40):
+        genome = Genome.from_dict({**base.to_dict(), "lr": float(10 ** rng.uniform(-4, -1))})
+        engine.surrogate_.add(np.concatenate([genome.encode(engine.space), regime]), math.log(10))
+    result = engine.search(live, x, y, position=0)
+    assert engine.counts_["prefiltered"] > 0
+    assert sum(r["prefiltered"] for r in result.history) == engine.counts_["prefiltered"]
+    plain = EvolutionEngine(_small(generations=3, surrogate=False), seed=0)
+    plain.search(live, x, y, position=0)
+    assert plain.counts_["prefiltered"] == 0
+    assert plain.counts_["evaluated"] > engine.counts_["evaluated"]
+
+
+def engine_features(engine: EvolutionEngine, live: OnlineLearner) -> np.ndarray:
+    """The surrogate's input row for the live genome (encoding + regime features)."""
+    from neuralsync.evolution.surrogate import regime_features
+
+    _, y = _windows()
+    regime = regime_features(y.numpy(), np.array([1.0]))
+    return np.concatenate([Genome.from_model_config(live.config).encode(engine.space), regime])
+
+
+def test_the_winner_goes_live_with_the_live_optimiser_settings_unless_asked_otherwise():
+    x, y = _windows()
+    live = _live(50)
+    engine = EvolutionEngine(_small(), seed=0)
+    result = engine.search(live, x, y, position=0)
+    candidate = copy.copy(result.best)
+    candidate.genome = Genome.from_dict({**result.best.genome.to_dict(), "lr": 0.123})
+    assert engine.learner_for(candidate, live).config.lr == live.config.lr
+    engine.config = _small(online_genes=True)
+    assert engine.learner_for(candidate, live).config.lr == 0.123
+
+
+def test_engine_state_round_trips_and_carries_elites_sigma_and_surrogate_to_the_next_search():
+    x, y = _windows()
+    live = _live(50)
+    engine = EvolutionEngine(_small(), seed=0)
+    engine.search(live, x, y, position=0)
+    assert engine.searches_ == 1 and engine.elites_
+    restored = EvolutionEngine(_small(), seed=0)
+    restored.load_state_dict(copy.deepcopy(engine.state_dict()))
+    assert state_digest(restored.state_dict()) == state_digest(engine.state_dict())
+    a = engine.search(live, x, y, position=50)
+    b = restored.search(live, x, y, position=50)
+    assert [e["genome"] for e in a.evaluations] == [e["genome"] for e in b.evaluations]
+    assert a.best.fitness == b.best.fitness
+
+
+# -- the gate -------------------------------------------------------------------------------------
+
+
+def test_stability_gate_needs_low_risk_and_a_better_canary():
+    live = _live(0)
+    x, y = _windows(16)
+    worse = torch.full((16,), 10.0)
+    good = Proposal(live, "evolution", {"risk": 0.1})
+    assert StabilityGate(risk_threshold=0.5).decide(good, worse, x, y).accepted
+    risky = Proposal(live, "evolution", {"risk": 0.7})
+    decision = StabilityGate(risk_threshold=0.5).decide(risky, worse, x, y)
+    assert not decision.accepted and "risk 0.700" in decision.reason
+    better = torch.zeros(16)
+    assert not StabilityGate(risk_threshold=0.5).decide(good, better, x, y).accepted
+    # Errors made test-then-train are compared as they are, not re-forecast.
+    measured = Proposal(live, "evolution", {"risk": 0.1}, canary_errors=torch.full((16,), 0.5))
+    decision = StabilityGate().decide(measured, torch.ones(16), x, y)
+    assert decision.accepted and decision.figures["candidate_mse"] == 0.5
+
+
+# -- in the stream --------------------------------------------------------------------------------
+
+
+def _switch_frame(n: int = 900, change: int = 350, seed: int = 0) -> pd.DataFrame:
+    """A slow sine, then a fast one with a level shift: a regime change ADWIN finds."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n, dtype=float)
+    y = np.where(t < change, np.sin(t / 9.0), 3.0 + 2.0 * np.sin(t / 2.5))
+    return pd.DataFrame({"t": t, "y": y + rng.normal(0.0, 0.05, n)})
+
+
+def _scenario(**evolution) -> Scenario:
+    options = {"population": 4, "generations": 2, "after_detection": 16, "result_delay": 48}
+    options.update(evolution)
+    return Scenario(
+        name="evo",
+        timestamp="t",
+        targets="y",
+        lookback=LOOKBACK,
+        model={"hidden": [16], "lr": 0.01},
+        detector={"type": "adwin", "params": {"delta": 0.01}},
+        adaptation={
+            "canary_size": 16,
+            "meta": {"enabled": False},
+            "evolution": {"window": 96, "block_kinds": ["mlp", "tcn"], **options},
+        },
+    )
+
+
+def _feed(pipeline: Pipeline, frame: pd.DataFrame, start: int = 0, stop: int | None = None):
+    events: list[dict] = []
+    pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
+    source = DataFrameSource(frame.iloc[:stop], timestamp="t", columns=["y"], chunk_size=40)
+    source.seek(start)
+    forecasts = []
+    for batch in source:
+        forecasts += [(p.issued_at, p.prediction) for p in pipeline.process(batch)]
+    return forecasts, [
+        {k: v for k, v in e.items() if k not in ("wall_time", "wall_seconds")} for e in events
+    ]
+
+
+def test_a_search_is_delivered_exactly_result_delay_samples_after_it_started():
+    scenario = _scenario()
+    assert [a.name for a in build_adapters(scenario)] == ["evolution"]
+    pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
+    _, events = _feed(pipeline, _switch_frame())
+    types = [e["type"] for e in events]
+    started = [e for e in events if e["type"] == "adaptation_started"]
+    assert started and started[0]["deliver_after_samples"] == 48
+    decisions = [e for e in events if e["type"] == "gate_decision"]
+    assert len(decisions) == len(started)
+    # Labelled samples lag positions by the horizon: count them instead, through positions.
+    for begin, decision in zip(started, decisions, strict=True):
+        assert decision["position"] - begin["position"] == 48
+        assert decision["source"] == "evolution" and decision["reason"]
+        assert {"candidate_mse", "live_mse", "genome", "architecture", "fitness"} <= set(decision)
+    generations = [e for e in events if e["type"] == "evolution_generation"]
+    assert len(generations) == 2 * len(decisions)
+    assert types.count("candidate_evaluated") == sum(g["evaluated"] for g in generations)
+    metrics = pipeline.metrics()
+    assert metrics["evolution"]["searches"] == len(decisions)
+    assert len(metrics["evolution"]["history"]) == len(generations)
+
+
+def test_two_runs_with_one_seed_make_the_same_decisions_at_the_same_positions():
+    frame = _switch_frame()
+    runs = []
+    for _ in range(2):
+        pipeline = Pipeline(_scenario(), adapters=build_adapters(_scenario()))
+        forecasts, events = _feed(pipeline, frame)
+        runs.append((forecasts, events, state_digest(pipeline.state_dict())))
+    assert runs[0] == runs[1]
+    assert any(e["type"] == "gate_decision" for e in runs[0][1])
+
+
+def test_a_run_stopped_while_a_search_runs_resumes_bit_identically():
+    frame = _switch_frame()
+    straight = Pipeline(_scenario(), adapters=build_adapters(_scenario()))
+    expected, events = _feed(straight, frame)
+    started = next(e for e in events if e["type"] == "adaptation_started")
+    stop = started["position"] + 10  # the search is running (or done) but not delivered
+
+    first = Pipeline(_scenario(), adapters=build_adapters(_scenario()))
+    head, _ = _feed(first, frame, stop=stop)
+    snapshot = copy.deepcopy(first.state_dict())
+    assert snapshot["deferred"], "the snapshot must hold the search that was running"
+    second = Pipeline(_scenario(), adapters=build_adapters(_scenario()))
+    second.load_state_dict(snapshot)
+    tail, _ = _feed(second, frame, start=stop)
+    assert head + tail == expected
+    assert state_digest(second.state_dict()) == state_digest(straight.state_dict())
+
+
+def test_latency_mode_delivers_as_soon_as_the_search_is_done():
+    scenario = _scenario(mode="latency", result_delay=400)
+    frame = _switch_frame()
+    pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
+    straight = Pipeline(_scenario(), adapters=build_adapters(_scenario()))
+    _, events = _feed(straight, frame)
+    started = next(e for e in events if e["type"] == "adaptation_started")["position"]
+    stop = started + 20  # past the canary window's worth of new samples
+    _, head = _feed(pipeline, frame, stop=stop)
+    for entry in pipeline._deferred:  # let the search finish before the stream goes on
+        entry[-1].future.result()
+    _, tail = _feed(pipeline, frame, start=stop)
+    decision = next(e for e in head + tail if e["type"] == "gate_decision")
+    # Delivered at the first sample after it was ready, not at the 400-sample deadline.
+    assert decision["position"] <= stop + 1
+
+
+class _FailingAdapter(EvolutionAdapter):
+    """A search that raises in the worker."""
+
+    def resume(self, job):
+        job = {**job, "x": job["x"][:2], "y": job["y"][:2]}  # too few samples: ValueError
+        return super().resume(job)
+
+
+def test_a_failed_search_is_an_event_and_the_stream_goes_on():
+    scenario = _scenario()
+    adapter = _FailingAdapter(scenario.adaptation.evolution, seed=0)
+    pipeline = Pipeline(scenario, adapters=[adapter])
+    forecasts, events = _feed(pipeline, _switch_frame())
+    failed = [e for e in events if e["type"] == "adaptation_failed"]
+    assert failed and "needs at least" in failed[0]["reason"]
+    assert pipeline.metrics()["adaptation_failures"] == len(failed)
+    assert len(forecasts) == 900 - LOOKBACK
+
+
+class _AlwaysAccept(Gate):
+    def decide(self, proposal, live_errors, canary_x, canary_y) -> GateDecision:
+        return GateDecision(True, "accepts everything", {})
+
+
+class _Saboteur(Adapter):
+    """Proposes a model that forecasts a constant far from the data."""
+
+    name = "saboteur"
+
+    def on_regime_change(self, change, live, support_x, support_y):
+        learner = OnlineLearner(
+            live.config.model_copy(update={"lr": 1e-6}),
+            live.n_inputs,
+            live.lookback,
+            live.horizon,
+            live.target_index,
+        )
+        with torch.no_grad():
+            for parameter in learner.module_.parameters():
+                parameter.zero_()
+            learner.module_.net[-1].bias.fill_(25.0)
+        return Proposal(learner, self.name)
+
+
+def test_a_swap_that_makes_the_live_error_worse_is_rolled_back():
+    scenario = _scenario()
+    scenario.adaptation.evolution.enabled = False
+    pipeline = Pipeline(scenario, adapters=[_Saboteur()], gate=_AlwaysAccept())
+    live_at: list[tuple[str, OnlineLearner]] = []
+    pipeline.events.subscribe(lambda e: live_at.append((e.type, pipeline.learner)))
+    _, events = _feed(pipeline, _switch_frame())
+    swaps = [e for e in events if e["type"] == "swap"]
+    rollbacks = [e for e in events if e["type"] == "rollback"]
+    window = scenario.adaptation.rollback.window
+    judged = [s for s in swaps if s["position"] + window <= 900]  # probation over in the run
+    assert judged and len(rollbacks) == len(judged)
+    for swap, rollback in zip(judged, rollbacks, strict=True):
+        assert rollback["position"] - swap["position"] == window - 1
+        assert rollback["live_mse"] > rollback["previous_mse"] * (1 + rollback["margin"])
+    assert pipeline.metrics()["rollbacks"] == len(rollbacks)
+    # After each rollback the saboteur is gone: the live model is not the one swapped in.
+    swapped_in = [learner for kind, learner in live_at if kind == "swap"]
+    restored = [learner for kind, learner in live_at if kind == "rollback"]
+    assert all(r is not s for r, s in zip(restored, swapped_in, strict=False))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_rollback_switch(enabled):
+    scenario = _scenario()
+    scenario.adaptation.rollback.enabled = enabled
+    pipeline = Pipeline(scenario, adapters=[_Saboteur()], gate=_AlwaysAccept())
+    _, events = _feed(pipeline, _switch_frame())
+    assert any(e["type"] == "swap" for e in events)
+    assert any(e["type"] == "rollback" for e in events) == enabled
