@@ -232,20 +232,37 @@ def scenarios() -> None:
 @app.command()
 @_user_errors
 def report(run_dir: Annotated[Path, typer.Argument(help="A replay's run directory.")]) -> None:
-    """Redraw report.png of a run directory."""
-    from neuralsync.report import write_report
+    """Redraw report.png (and evolution.png, when the run evolved) of a run directory."""
+    from neuralsync.report import write_evolution_report, write_report
 
     if not (run_dir / "predictions.csv").is_file():
         raise ConfigError(f"{run_dir}: no predictions.csv here; is this a replay's --out folder?")
     typer.echo(write_report(run_dir))
+    evolution = write_evolution_report(run_dir)
+    if evolution is not None:
+        typer.echo(evolution)
 
 
 @app.command()
 @_user_errors
-def inspect(run_dir: Annotated[Path, typer.Argument(help="A replay's run directory.")]) -> None:
-    """Print the newest checkpoint's position and state digest, as JSON."""
+def inspect(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A replay's run directory, or a daemon's checkpoint directory.")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON, for a checkpoint directory too.")
+    ] = False,
+) -> None:
+    """Print the newest checkpoint's position and state digest, as JSON.
+
+    Given the checkpoint directory of ``neuralsync serve`` (one folder per partition), print
+    each partition's offset, key count and state digest.
+    """
     from neuralsync.state import CheckpointStore, state_digest
 
+    if not (run_dir / "checkpoints").is_dir() and run_dir.is_dir():
+        _inspect_partitions(run_dir, as_json)
+        return
     snapshot = CheckpointStore(run_dir / "checkpoints").latest()
     pipeline = snapshot["pipeline"]
     typer.echo(
@@ -261,8 +278,74 @@ def inspect(run_dir: Annotated[Path, typer.Argument(help="A replay's run directo
     )
 
 
+def _inspect_partitions(directory: Path, as_json: bool) -> None:
+    """One line (or JSON object) per partition folder holding snapshots."""
+    from neuralsync.state import CheckpointStore, state_digest
+
+    rows = []
+    for folder in sorted(p for p in directory.iterdir() if p.is_dir()):
+        store = CheckpointStore(folder)
+        if not store.paths():
+            continue
+        snapshot = store.latest()
+        pipeline = snapshot["pipeline"]
+        rows.append(
+            {
+                "partition": folder.name,
+                "path": snapshot["path"],
+                "offset": snapshot.get("offset"),
+                "position": pipeline["position"],
+                "keys": len(pipeline["series"]),
+                "state_digest": state_digest(pipeline),
+                "skipped": store.skipped_,
+            }
+        )
+    if not rows:
+        raise ConfigError(
+            f"{directory}: no checkpoints here; expected a replay's run directory or a "
+            "checkpoint directory of `neuralsync serve` (one folder per partition)"
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        typer.echo(
+            f"{row['partition']}: offset {row['offset']}, {row['keys']} keys, "
+            f"digest {row['state_digest'][:16]}"
+        )
+
+
 bench = typer.Typer(no_args_is_help=True, help="Benchmarks: figures measured side by side.")
 app.add_typer(bench, name="bench")
+
+
+@bench.command()
+@_user_errors
+def online(
+    data: Annotated[Path, typer.Option(help="A CSV with a 'date' column, e.g. ETTh2.csv.")],
+    horizon: Annotated[int, typer.Option(help="Steps ahead (H).")] = 1,
+    protocol: Annotated[
+        str, typer.Option(help="fsnet (learns right after forecasting) or delayed (no leak).")
+    ] = "delayed",
+    out: Annotated[Path | None, typer.Option(help="Write results.json here.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target column [default: OT].")] = None,
+    quick: Annotated[bool, typer.Option(help="First 1,500 rows, no grids: a smoke run.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the pipelines.")] = 0,
+) -> None:
+    """Online forecasting benchmark (FSNet/OneNet protocol): NeuralSync beside strong baselines."""
+    from neuralsync.bench.online import format_table, run_online
+
+    report = run_online(
+        data,
+        horizon,
+        protocol,
+        out=out,
+        target=target,
+        quick=quick,
+        seed=seed,
+        log=lambda line: console.print(line, highlight=False),
+    )
+    typer.echo(format_table(report))
 
 
 @bench.command()
@@ -332,6 +415,114 @@ def adaptation(
     if out is not None:
         out.write_text(text + "\n", encoding="utf-8")
     typer.echo(text)
+
+
+@bench.command()
+@_user_errors
+def population(
+    quick: Annotated[bool, typer.Option(help="30 steps, one repeat: a smoke run.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Training 16 MLPs x 200 SGD steps: a loop over modules, torch.func vmap, hand-batched."""
+    from neuralsync.bench.population import format_table, run_population
+
+    figures = run_population(quick=quick, log=lambda line: console.print(line, highlight=False))
+    console.print(format_table(figures), highlight=False)
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+
+
+@bench.command()
+@_user_errors
+def evolution(
+    quick: Annotated[
+        bool, typer.Option(help="The default scenario's first 2,500 rows only: a smoke run.")
+    ] = False,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="Run only these variants (repeat the option); default: all five."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write results.json here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Evolution ablation: full, no surrogate, no Lamarckian, no multi-scale, no evolution."""
+    from neuralsync.bench.evolution import format_table, run_ablation
+
+    report = run_ablation(
+        quick=quick,
+        variants=variant,
+        out=out,
+        log=lambda line: console.print(line, highlight=False),
+    )
+    typer.echo(format_table(report))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+
+
+seeds = typer.Typer(
+    no_args_is_help=True, help="The seed optimisers reproduced: hybrid ES+SGD, resonance HPO."
+)
+bench.add_typer(seeds, name="seeds")
+
+
+@seeds.command("hybrid-es")
+@_user_errors
+def hybrid_es(
+    quick: Annotated[bool, typer.Option(help="A few small generations: a smoke run.")] = False,
+    out: Annotated[Path, typer.Option(help="Write results.json and the plots here.")] = Path(
+        "runs/seeds-hybrid-es"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """HybridES on MNIST in the three published configurations, beside plain SGD."""
+    from neuralsync.bench.seeds import format_hybrid_es, run_hybrid_es
+
+    report = run_hybrid_es(
+        quick=quick, out=out, log=lambda line: console.print(line, highlight=False)
+    )
+    console.print(format_hybrid_es(report), highlight=False)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+
+
+@seeds.command("resonance-gpt")
+@_user_errors
+def resonance_gpt(
+    quick: Annotated[bool, typer.Option(help="A tiny model and budget: a smoke run.")] = False,
+    seeds_: Annotated[int, typer.Option("--seeds", help="Repeats, each with its own seed.")] = 3,
+    out: Annotated[Path, typer.Option(help="Write results.json and the plots here.")] = Path(
+        "runs/seeds-resonance-gpt"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """ResonanceHPO vs random search vs defaults on a character-level GPT, equal budget."""
+    from neuralsync.bench.seeds import format_resonance_gpt, run_resonance_gpt
+
+    report = run_resonance_gpt(
+        quick=quick, seeds=seeds_, out=out, log=lambda line: console.print(line, highlight=False)
+    )
+    console.print(format_resonance_gpt(report), highlight=False)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+
+
+def _attach_plugin_commands() -> None:
+    """Attach the commands installed packages register (``connectors``' ``serve``, ``produce``
+    and ``bench kafka``) under ``neuralsync.commands`` and ``neuralsync.bench``: the core
+    offers them without depending on those packages."""
+    from importlib.metadata import entry_points
+
+    for group, target in (("neuralsync.commands", app), ("neuralsync.bench", bench)):
+        for ep in entry_points(group=group):
+            try:
+                command = ep.load()
+            except Exception as exc:  # a broken plugin must not take the whole CLI down
+                console.print(f"[yellow]warning:[/] command '{ep.name}' not loaded: {exc}")
+                continue
+            target.command(name=ep.name)(_user_errors(command))
+
+
+_attach_plugin_commands()
 
 
 def main() -> None:

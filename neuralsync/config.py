@@ -178,6 +178,10 @@ class EvolutionConfig(_Strict):
     #: online (one step per sample), and a rate tuned on a calm regime slows the recovery
     #: from the next change.
     online_genes: bool = False
+    #: The gate judges a search's winner test-then-train on every sample since the search
+    #: began; it goes live only if its advantage over the live model there has a paired
+    #: z-score of at least this (0: any advantage).
+    min_z: Annotated[float, Field(ge=0.0)] = 1.0
     #: Labelled samples a search learns from and is scored on: the newest at its start.
     window: Annotated[int, Field(ge=16)] = 256
     mode: Literal["deterministic", "latency"] = "deterministic"

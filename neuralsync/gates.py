@@ -21,6 +21,10 @@ __all__ = ["CanaryGate", "StabilityGate"]
 class CanaryGate(Gate):
     """Accept a proposal whose canary error beats the live model's by ``margin`` (relative).
 
+    For a proposal that carries ``canary_errors`` (errors measured test-then-train over a long
+    window, as a deferred search's winner does), ``min_z`` > 0 also asks the advantage to
+    stand out from noise: the paired z-score of the per-sample error differences must reach it.
+
     Examples
     --------
     >>> import torch
@@ -36,8 +40,9 @@ class CanaryGate(Gate):
 
     """
 
-    def __init__(self, margin: float = 0.0):
+    def __init__(self, margin: float = 0.0, min_z: float = 0.0):
         self.margin = margin
+        self.min_z = min_z
 
     def decide(
         self,
@@ -47,19 +52,32 @@ class CanaryGate(Gate):
         canary_y: torch.Tensor,
     ) -> GateDecision:
         if proposal.canary_errors is not None:
-            candidate = float(proposal.canary_errors.mean())
+            errors = proposal.canary_errors.to(torch.float64)
         else:
-            candidate = float(proposal.learner.squared_errors(canary_x, canary_y).mean())
+            errors = proposal.learner.squared_errors(canary_x, canary_y).to(torch.float64)
+        candidate = float(errors.mean())
         live = float(live_errors.mean())
         accepted = bool(math.isfinite(candidate) and candidate < live * (1.0 - self.margin))
+        figures = {"candidate_mse": candidate, "live_mse": live, "margin": self.margin}
         reason = (
             "candidate beats the live model on the canary window"
             if accepted
             else "candidate does not beat the live model on the canary window"
         )
-        return GateDecision(
-            accepted, reason, {"candidate_mse": candidate, "live_mse": live, "margin": self.margin}
-        )
+        if proposal.canary_errors is not None and len(errors) > 1:
+            # Errors measured test-then-train over a long window: the advantage should stand
+            # out from sample-to-sample noise (a paired z-score of the error differences).
+            diff = errors - live_errors.to(torch.float64)
+            spread = float(diff.std()) / math.sqrt(len(diff))
+            z = -float(diff.mean()) / spread if spread > 0 else 0.0
+            figures["advantage_z"] = z
+            if accepted and z < self.min_z:
+                accepted = False
+                reason = (
+                    f"candidate's advantage on the canary window is within noise "
+                    f"(z = {z:.2f} < {self.min_z:g})"
+                )
+        return GateDecision(accepted, reason, figures)
 
 
 class StabilityGate(CanaryGate):
@@ -83,8 +101,8 @@ class StabilityGate(CanaryGate):
 
     """
 
-    def __init__(self, margin: float = 0.0, risk_threshold: float = 0.6):
-        super().__init__(margin)
+    def __init__(self, margin: float = 0.0, risk_threshold: float = 0.6, min_z: float = 0.0):
+        super().__init__(margin, min_z)
         self.risk_threshold = risk_threshold
 
     def decide(

@@ -154,7 +154,10 @@ class Pipeline:
         self.scenario = scenario
         self.adapters = list(adapters)
         adaptation = scenario.adaptation
-        self.gate = gate or StabilityGate(adaptation.margin, adaptation.evolution.risk_threshold)
+        evolution = adaptation.evolution
+        self.gate = gate or StabilityGate(
+            adaptation.margin, evolution.risk_threshold, min_z=evolution.min_z
+        )
         self.events = EventBus()
         self.device = resolve_device(scenario.device)
         self.inputs = scenario.inputs
@@ -180,6 +183,8 @@ class Pipeline:
         self.time_kind = "datetime"
         self.counts_ = collections.Counter()
         self.detections_: list[dict[str, Any]] = []
+        #: Every swap: position, stream time, source, and whether probation rolled it back.
+        self.swaps_: list[dict[str, Any]] = []
         self._learn_buffer: list[tuple[np.ndarray, np.ndarray]] = []
         #: Adapters waiting for their ``support_delay``: [due sample count, position, stream
         #: time, key, detector, adapter name], in due order (see :meth:`_schedule`).
@@ -664,6 +669,14 @@ class Pipeline:
         self.learner = as_fast(proposal.learner)
         self.counts_["swaps"] += 1
         self._emit("swap", source=proposal.source, live_path=live_path(self.learner))
+        self.swaps_.append(
+            {
+                "position": self.position_,
+                "stream_time": self._stream_time(self.stream_time_),
+                "source": proposal.source,
+                "rolled_back": False,
+            }
+        )
         rollback = self.scenario.adaptation.rollback
         if rollback.enabled:
             self._probation = {
@@ -697,6 +710,8 @@ class Pipeline:
             self._emit("swap_confirmed", source=probation["source"], **figures)
             return
         self.learner = previous
+        if self.swaps_:
+            self.swaps_[-1]["rolled_back"] = True
         self.counts_["rollbacks"] += 1
         self._emit(
             "rollback",
@@ -769,6 +784,7 @@ class Pipeline:
         summary["skipped_steps"] = self.counts_["skipped_steps"]
         summary["swaps"] = self.counts_["swaps"]
         summary["rollbacks"] = self.counts_["rollbacks"]
+        summary["swap_log"] = [dict(swap) for swap in self.swaps_]
         summary["adaptation_failures"] = self.counts_["adaptation_failures"]
         for adapter in self.adapters:
             report = getattr(adapter, "metrics", None)
@@ -823,6 +839,7 @@ class Pipeline:
             "metrics": self.metrics_.state_dict(),
             "counts": dict(self.counts_),
             "detections": list(self.detections_),
+            "swaps": [dict(swap) for swap in self.swaps_],
             "change_point_positions": list(self.change_point_positions_),
             "change_point_key_rows": list(self.change_point_key_rows_),
             "learn_buffer": [
@@ -855,6 +872,7 @@ class Pipeline:
         self.metrics_.load_state_dict(state["metrics"])
         self.counts_ = collections.Counter(state["counts"])
         self.detections_ = list(state["detections"])
+        self.swaps_ = [dict(swap) for swap in state.get("swaps", [])]
         self.change_point_positions_ = list(state["change_point_positions"])
         self.change_point_key_rows_ = list(state["change_point_key_rows"])
         self._learn_buffer = [(w.numpy(), t.numpy()) for w, t in state["learn_buffer"]]

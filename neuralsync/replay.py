@@ -320,7 +320,8 @@ def replay(
             signal.signal(signum, handler)
         run.close()
     if report:
-        from neuralsync.report import write_report
+        from neuralsync.report import write_evolution_report, write_report
 
         write_report(Path(out_dir))
+        write_evolution_report(Path(out_dir))
     return metrics

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from neuralsync.errors import DataError
 
-__all__ = ["write_report"]
+__all__ = ["write_evolution_report", "write_report"]
 
 _COLUMNS = ["timestamp", "key", "target", "step", "prediction", "truth", "last_value"]
 _NUMBERS = ["step", "prediction", "truth", "last_value"]
@@ -227,6 +227,107 @@ def _mark_changes(
         )
 
 
+_SWAP_COLORS = {"evolution": "tab:purple", "meta": "tab:cyan"}
+
+
+def _mark_swaps(ax: Axes, metrics: dict[str, Any], kind: str) -> None:
+    """A triangle at the top of ``ax`` for every swap, coloured by source; hollow when
+    probation rolled it back."""
+    swaps = metrics.get("swap_log")
+    if not isinstance(swaps, list) or not swaps:
+        return
+    spans = ax.get_xaxis_transform()
+    labelled: set[str] = set()
+    for swap in swaps:
+        when = _parse_times([swap.get("stream_time")], kind)
+        if not len(when) or not when.notna().all():
+            continue
+        source = str(swap.get("source"))
+        color = _SWAP_COLORS.get(source, "tab:gray")
+        back = bool(swap.get("rolled_back"))
+        label = f"swap ({source}{', rolled back' if back else ''})"
+        ax.scatter(
+            [when.iloc[0]],
+            [0.96],
+            transform=spans,
+            marker="v",
+            s=60,
+            facecolors="none" if back else color,
+            edgecolors=color,
+            linewidths=1.4,
+            label=None if label in labelled else label,
+            zorder=4,
+            clip_on=False,
+        )
+        labelled.add(label)
+
+
+def write_evolution_report(run_dir: Path) -> Path | None:
+    """Draw ``run_dir/evolution.png``: the evolution engine's per-generation history (best and
+    mean fitness relative to the live model, σ, diversity, samples seen) from
+    ``metrics.json``; ``None`` (nothing written) when the run made no search.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     write_evolution_report(Path(folder)) is None
+    True
+
+    """
+    run_dir = Path(run_dir)
+    metrics = _read_metrics(run_dir / "metrics.json")
+    evolution = metrics.get("evolution")
+    history = evolution.get("history") if isinstance(evolution, dict) else None
+    if not history:
+        return None
+    frame = pd.DataFrame(history)
+    fig = Figure(figsize=(12.0, 6.5), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    fitness, spread = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(frame))
+    incumbent = frame["incumbent_fitness"].to_numpy(dtype=float)
+    for column, label, color in (
+        ("best_fitness", "best", "tab:purple"),
+        ("mean_fitness", "population mean", "tab:gray"),
+    ):
+        fitness.plot(x, frame[column] / incumbent, marker="o", ms=3, color=color, label=label)
+    fitness.axhline(1.0, color="black", linewidth=0.8, alpha=0.6, label="live model (retrained)")
+    fitness.set_ylabel("fitness / live model's")
+    fitness.set_title(
+        "Fitness on the held-out slice, relative to the live model (lower is better)",
+        fontsize=10,
+        loc="left",
+    )
+    spread.plot(x, frame["sigma"], marker="o", ms=3, color="tab:orange", label="σ")
+    spread.set_yscale("log")
+    spread.set_ylabel("σ (log)")
+    other = spread.twinx()
+    other.plot(x, frame["diversity"], color="tab:green", linewidth=1.0, label="diversity")
+    other.set_ylabel("diversity")
+    spread.set_title("Mutation scale σ and population diversity", fontsize=10, loc="left")
+    spread.set_xlabel("generation (all searches in stream order)")
+    starts = [i for i in x if frame["generation"].iloc[i] == 0]
+    for ax in (fitness, spread):
+        for i in starts:
+            ax.axvline(i - 0.5, color="tab:red", linewidth=0.8, alpha=0.4)
+        ax.grid(True, alpha=0.3, linewidth=0.5)
+    fitness.legend(loc="upper right", fontsize=8)
+    lines = spread.get_legend_handles_labels()[0] + other.get_legend_handles_labels()[0]
+    spread.legend(lines, [str(line.get_label()) for line in lines], loc="upper right", fontsize=8)
+    samples = int(frame["samples_seen"].sum())
+    fig.suptitle(
+        f"{metrics.get('name') or run_dir.name}: {evolution.get('searches', 0)} searches, "
+        f"{evolution.get('evaluated', 0)} candidates trained, {samples:,} samples seen "
+        "(red lines: a new search)",
+        fontsize=12,
+    )
+    fig.tight_layout()
+    path = run_dir / "evolution.png"
+    partial = run_dir / "evolution.png.partial"
+    fig.savefig(partial, format="png", dpi=_DPI)
+    os.replace(partial, path)
+    return path
+
+
 def _mark_lag(ax: Axes, metrics: dict[str, Any], kind: str, x: np.ndarray) -> str:
     """Shade each change's adaptation lag; return a note for the panel's title."""
     lag = metrics.get("adaptation_lag")
@@ -385,6 +486,7 @@ def _draw_report(
     _mark_changes(top, detected_top, true_changes, detected_label)
     for ax in (middle, bottom):
         _mark_changes(ax, detected, true_changes, "detected regime change")
+    _mark_swaps(middle, metrics, kind)
     for ax in (top, middle, bottom):
         ax.grid(True, alpha=0.3, linewidth=0.5)
         _legend(ax)

@@ -1,0 +1,43 @@
+"""``neuralsync bench evolution --quick``: every ablation variant runs, side by side."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from neuralsync.bench.evolution import VARIANTS, format_table, run_ablation
+from neuralsync.cli import app
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    result = CliRunner().invoke(app, ["bench", "evolution", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert "| default | full |" in result.stdout
+    return saved
+
+
+def test_every_variant_ran_on_the_same_stream(report):
+    runs = report["results"]["default"]
+    assert list(runs) == list(VARIANTS)
+    assert runs["no evolution"]["searches"] == 0 and runs["no evolution"]["swaps"] == 0
+    for name in ("full", "no surrogate", "no Lamarckian", "no multi-scale"):
+        assert runs[name]["searches"] >= 1 and runs[name]["evaluated"] >= 8
+        assert runs[name]["mse_over_no_evolution"] == pytest.approx(
+            runs[name]["mse"] / runs["no evolution"]["mse"]
+        )
+    assert runs["no surrogate"]["prefiltered"] == 0
+
+
+def test_the_table_has_a_row_per_variant(report):
+    table = format_table(report)
+    assert table.count("\n") == 1 + len(VARIANTS)
+
+
+def test_an_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown variants"):
+        run_ablation(quick=True, variants=["no brain"])
