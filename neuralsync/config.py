@@ -185,6 +185,10 @@ class EvolutionConfig(_Strict):
     #: Labelled samples a search learns from and is scored on: the newest at its start.
     window: Annotated[int, Field(ge=16)] = 256
     mode: Literal["deterministic", "latency"] = "deterministic"
+    #: How a candidate is scored on the fitness slice: ``prequential``, its mean error in one
+    #: test-then-train pass with the settings it would have live (how it would do if swapped
+    #: in); ``holdout``, its loss on the slice after within-life training.
+    fitness: Literal["prequential", "holdout"] = "prequential"
     #: Share of the search data held out as the fitness slice (the newest samples).
     fitness_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
     #: Which block types structural mutation may use.

@@ -362,3 +362,36 @@ def test_rollback_switch(enabled):
     _, events = _feed(pipeline, _switch_frame())
     assert any(e["type"] == "swap" for e in events)
     assert any(e["type"] == "rollback" for e in events) == enabled
+
+
+def test_an_ordered_pass_returns_each_samples_error_before_it_is_learned():
+    from neuralsync.evolution.population import PopulationTrainer
+
+    x, y = _windows(12)
+    modules = [copy.deepcopy(_live(0).module_) for _ in range(3)]
+    frozen = PopulationTrainer([copy.deepcopy(m) for m in modules])
+    per_sample = torch.stack([frozen.evaluate(x[i : i + 1], y[i : i + 1]) for i in range(12)], 1)
+    trainer = PopulationTrainer(modules)
+    order = torch.arange(12)[:, None]
+    still = trainer.train(x, y, steps=12, batch_size=1, lr=0.0, order=order)
+    assert torch.allclose(still, per_sample, rtol=1e-5, atol=1e-7)
+    learning = PopulationTrainer([copy.deepcopy(m) for m in modules])
+    losses = learning.train(x, y, steps=12, batch_size=1, lr=0.05, order=order)
+    assert torch.allclose(losses[:, 0], per_sample[:, 0], rtol=1e-5)  # nothing learned yet
+    assert not torch.allclose(losses[:, 1:], per_sample[:, 1:])  # then each step learns
+    with pytest.raises(ValueError, match="order must have shape"):
+        trainer.train(x, y, steps=12, batch_size=2, lr=0.0, order=order)
+
+
+def test_prequential_fitness_scores_the_network_that_would_go_live():
+    x, y = _windows()
+    live = _live(50)
+    engine = EvolutionEngine(_small(), seed=0)
+    result = engine.search(live, x, y, position=0)
+    assert result.best.final is not None  # learned the fitness slice, test-then-train
+    learner = engine.learner_for(result.best, live)
+    assert state_digest(learner.module_.state_dict()) == state_digest(
+        result.best.final.state_dict()
+    )
+    holdout = EvolutionEngine(_small(fitness="holdout"), seed=0).search(live, x, y, position=0)
+    assert holdout.best.final is None

@@ -137,11 +137,12 @@ def _run(engine: EvolutionEngine, job: dict[str, Any]) -> Proposal:
     live = OnlineLearner.from_state_dict(job["live"], torch.device(job["device"]))
     result = engine.search(live, job["x"], job["y"], position=int(job["position"]))
     learner = engine.learner_for(result.best, live)
-    # The winner trained on the older part of the data only; it learns the fitness slice
-    # too, in order, so that it is as current as the live model was at the start.
-    n_fit = max(1, round(len(job["x"]) * engine.config.fitness_fraction))
-    for x, y in zip(job["x"][-n_fit:], job["y"][-n_fit:], strict=True):
-        learner.learn(x[None], y[None])
+    if result.best.final is None:
+        # The winner trained on the older part of the data only; it learns the fitness slice
+        # too, in order, so that it is as current as the live model was at the start.
+        n_fit = max(1, round(len(job["x"]) * engine.config.fitness_fraction))
+        for x, y in zip(job["x"][-n_fit:], job["y"][-n_fit:], strict=True):
+            learner.learn(x[None], y[None])
     return Proposal(learner, "evolution", _details(result), events=_events(result))
 
 

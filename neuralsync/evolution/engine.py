@@ -87,6 +87,9 @@ class Candidate:
     origin: str = "incumbent"
     scale: float | None = None
     evaluated: bool = False
+    #: With ``fitness: prequential``: the network after its test-then-train pass over the
+    #: fitness slice, ready to go live (``module`` stays as it was before, for its children).
+    final: torch.nn.Module | None = None
 
 
 @dataclass
@@ -198,7 +201,7 @@ class EvolutionEngine:
         for generation in range(cfg.generations):
             started = time.perf_counter()
             fresh = [c for c in population if not c.evaluated]
-            samples = self._evaluate(fresh, data, generator)
+            samples = self._evaluate(fresh, data, generator, live.config)
             if generation == 0:
                 incumbent_fitness = incumbent.fitness
                 features = regime_features(data[1].numpy(), np.array([incumbent_fitness]))
@@ -351,8 +354,15 @@ class EvolutionEngine:
         candidates: list[Candidate],
         data: tuple[torch.Tensor, ...],
         generator: torch.Generator,
+        online: ModelConfig,
     ) -> int:
-        """Train every candidate its life and score it on the fitness slice; samples seen."""
+        """Train every candidate its life and score it on the fitness slice; samples seen.
+
+        ``holdout`` fitness is the loss on the slice after training; ``prequential`` fitness
+        is the mean error over one test-then-train pass through the slice, with the optimiser
+        settings the candidate would have live (``online``'s, or its own genes with
+        ``online_genes``): how it would do if swapped in.
+        """
         x_train, y_train, x_fit, y_fit = data
         groups: dict[tuple[Any, ...], list[Candidate]] = {}
         for c in candidates:
@@ -373,7 +383,29 @@ class EvolutionEngine:
                 grad_clip=clip,
                 generator=generator,
             )
-            losses = trainer.evaluate(x_fit, y_fit)
+            if self.config.fitness == "prequential":
+                n = len(x_fit)
+                own = self.config.online_genes
+                live = PopulationTrainer([copy.deepcopy(m) for m in trainer.modules()])
+                losses = live.train(
+                    x_fit,
+                    y_fit,
+                    steps=n,
+                    batch_size=1,
+                    order=torch.arange(n)[:, None],
+                    lr=[c.genome.lr for c in members] if own else online.lr,
+                    momentum=[c.genome.momentum for c in members] if own else online.momentum,
+                    weight_decay=[c.genome.weight_decay for c in members]
+                    if own
+                    else online.weight_decay,
+                    grad_clip=clip if own else online.grad_clip,
+                    generator=generator,
+                ).mean(1)
+                for candidate, final in zip(members, live.modules(), strict=True):
+                    candidate.final = final
+                samples += n * len(members)
+            else:
+                losses = trainer.evaluate(x_fit, y_fit)
             for candidate, module, loss in zip(members, trainer.modules(), losses, strict=True):
                 candidate.module = module
                 value = float(loss)
@@ -401,7 +433,8 @@ class EvolutionEngine:
             live.device,
             initialise=False,  # the candidate's weights come next; torch's generator untouched
         )
-        learner.module_.load_state_dict(candidate.module.state_dict())
+        network = candidate.final if candidate.final is not None else candidate.module
+        learner.module_.load_state_dict(network.state_dict())
         return learner
 
     def clone(self) -> EvolutionEngine:

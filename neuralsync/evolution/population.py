@@ -32,16 +32,19 @@ backends draw them in different orders, so with dropout they agree in distributi
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BACKENDS", "PopulationTrainer", "hand_batch_reason"]
+__all__ = ["BACKENDS", "OPTIMIZERS", "PopulationTrainer", "hand_batch_reason"]
 
 BACKENDS = ("auto", "hand", "vmap", "loop")
+OPTIMIZERS = ("sgd", "adamw")
 LossFn = Callable[[Tensor, Tensor], Tensor]
+_EPS = 1e-8  # AdamW's eps, as torch.optim.AdamW's default
 
 # Elementwise activations the hand-batched path knows, with their derivative written from the
 # activation's input ``z`` and output ``a`` (None: the hand path falls back to autograd).
@@ -214,6 +217,9 @@ class PopulationTrainer:
         lr_decay: Tensor | Sequence[float] | float = 1.0,
         generator: torch.Generator | None = None,
         loss: LossFn | None = None,
+        optimizer: str = "sgd",
+        beta2: float = 0.999,
+        order: Tensor | None = None,
     ) -> Tensor:
         """Take ``steps`` minibatch SGD steps on every candidate; return the losses seen.
 
@@ -239,6 +245,14 @@ class PopulationTrainer:
             Draws the minibatch indices (and dropout masks).
         loss
             ``loss(prediction, target) -> scalar``, averaged over the batch; MSE by default.
+        optimizer, beta2
+            ``"sgd"`` (the steps above) or ``"adamw"``: ``torch.optim.AdamW``'s step with
+            ``betas=(momentum, beta2)``, decoupled ``weight_decay`` and ``eps=1e-8``; its
+            moments start at zero at each call, like the momentum buffers.
+        order
+            The minibatches' sample indices, ``(steps, batch_size)``, instead of random draws:
+            e.g. ``arange(n)[:, None]`` for one test-then-train pass in time order (the losses
+            returned are then each sample's error before it was learned).
 
         Returns
         -------
@@ -252,6 +266,10 @@ class PopulationTrainer:
             raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if not 0.0 <= beta2 < 1.0:
+            raise ValueError(f"beta2 must be in [0, 1), got {beta2}")
         size = self.size
         hyper = {
             "lr": _as_vector(lr, size, "lr"),
@@ -259,11 +277,22 @@ class PopulationTrainer:
             "weight_decay": _as_vector(weight_decay, size, "weight_decay"),
             "lr_decay": _as_vector(lr_decay, size, "lr_decay"),
         }
+        if optimizer == "adamw" and not ((hyper["momentum"] >= 0) & (hyper["momentum"] < 1)).all():
+            raise ValueError(f"adamw: momentum (beta1) must be in [0, 1), got {hyper['momentum']}")
+        self._optimizer = (optimizer, beta2)
         if generator is None:
             generator = torch.Generator().manual_seed(0)
-        index = torch.randint(
-            0, x.shape[0], (steps, batch_size), generator=generator, device=generator.device
-        ).to(x.device)
+        if order is not None:
+            if order.shape != (steps, batch_size):
+                raise ValueError(
+                    f"order must have shape (steps, batch_size) = {(steps, batch_size)}, "
+                    f"got {tuple(order.shape)}"
+                )
+            index = order.to(x.device, torch.long)
+        else:
+            index = torch.randint(
+                0, x.shape[0], (steps, batch_size), generator=generator, device=generator.device
+            ).to(x.device)
         loss_fn = loss if loss is not None else _mse
         for module in self._modules:
             module.train()
@@ -344,11 +373,79 @@ class PopulationTrainer:
             # clip_grad_norm_: scale by max_norm / (norm + 1e-6), never up.
             scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0).unsqueeze(1)
             grads = [g * scale for g in grads]
+        # Fused in-place updates, and no weight-decay or momentum pass when every candidate's
+        # is zero: at MNIST sizes the step is memory-bound and these passes cost more than the
+        # matrix products of the forward and backward passes.
+        decay = bool((weight_decay != 0).any())
+        heavy = bool((momentum != 0).any())
         for p, g, buf in zip(params, grads, buffers, strict=True):
             flat = p.view(size, -1)
-            d = g + weight_decay * flat
-            buf.mul_(momentum).add_(d)
-            flat.sub_(lr * buf)
+            d = g.addcmul(weight_decay, flat) if decay else g
+            if heavy:
+                d = buf.mul_(momentum).add_(d)
+            flat.addcmul_(lr, d, value=-1.0)
+
+    @staticmethod
+    @torch.no_grad()
+    def _adamw_step(
+        params: list[Tensor],
+        grads: list[Tensor],
+        moments: list[tuple[Tensor, Tensor]],
+        step: int,
+        lr: Tensor,
+        beta1: Tensor,
+        beta2: float,
+        weight_decay: Tensor,
+        grad_clip: float | None,
+    ) -> None:
+        """One AdamW step (``step`` counts from 1) on stacked ``(P, ...)`` tensors, in place,
+        as ``torch.optim.AdamW`` does it; ``lr``, ``beta1``, ``weight_decay`` are ``(P, 1)``."""
+        size = params[0].shape[0]
+        grads = [g.reshape(size, -1) for g in grads]
+        if grad_clip is not None:
+            norm = torch.stack([g.pow(2).sum(1) for g in grads]).sum(0).sqrt()
+            scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0).unsqueeze(1)
+            grads = [g * scale for g in grads]
+        correction1 = 1 - beta1**step
+        correction2_sqrt = math.sqrt(1 - beta2**step)
+        step_size = lr / correction1
+        for p, g, (m, v) in zip(params, grads, moments, strict=True):
+            flat = p.view(size, -1)
+            flat.mul_(1 - lr * weight_decay)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / correction2_sqrt).add_(_EPS)
+            flat.sub_(step_size * (m / denom))
+
+    def _stepper(
+        self, tensors: list[Tensor], hyper: dict[str, Tensor], steps: int, grad_clip
+    ) -> Callable[[int, list[Tensor]], None]:
+        """``update(t, grads)``: step ``t`` of the optimiser chosen in :meth:`train` on the
+        stacked ``tensors``, with its state (momentum buffers or Adam moments) kept inside."""
+        kind, beta2 = getattr(self, "_optimizer", ("sgd", 0.999))
+        rates = self._schedule(hyper, steps, tensors[0].dtype, tensors[0].device)
+        momentum = hyper["momentum"].to(tensors[0]).unsqueeze(1)
+        weight_decay = hyper["weight_decay"].to(tensors[0]).unsqueeze(1)
+        if kind == "adamw":
+            moments = [
+                (torch.zeros_like(t).view(self.size, -1), torch.zeros_like(t).view(self.size, -1))
+                for t in tensors
+            ]
+
+            def update(t: int, grads: list[Tensor]) -> None:
+                self._adamw_step(
+                    tensors, grads, moments, t + 1, rates[t], momentum, beta2, weight_decay,
+                    grad_clip,
+                )  # fmt: skip
+
+            return update
+        momenta = [torch.zeros_like(t).view(self.size, -1) for t in tensors]
+
+        def update(t: int, grads: list[Tensor]) -> None:
+            with torch.no_grad():
+                self._sgd_step(tensors, grads, momenta, rates[t], momentum, weight_decay, grad_clip)
+
+        return update
 
     @staticmethod
     def _schedule(hyper: dict[str, Tensor], steps: int, dtype: torch.dtype, device: Any) -> Tensor:
@@ -378,12 +475,22 @@ class PopulationTrainer:
 
             lr0 = float(hyper["lr"][i])
             decay = float(hyper["lr_decay"][i])
-            optimizer = torch.optim.SGD(
-                params,
-                lr=lr0,
-                momentum=float(hyper["momentum"][i]),
-                weight_decay=float(hyper["weight_decay"][i]),
-            )
+            kind, beta2 = self._optimizer
+            if kind == "adamw":
+                optimizer = torch.optim.AdamW(
+                    params,
+                    lr=lr0,
+                    betas=(float(hyper["momentum"][i]), beta2),
+                    weight_decay=float(hyper["weight_decay"][i]),
+                    eps=_EPS,
+                )
+            else:
+                optimizer = torch.optim.SGD(
+                    params,
+                    lr=lr0,
+                    momentum=float(hyper["momentum"][i]),
+                    weight_decay=float(hyper["weight_decay"][i]),
+                )
             history = []
             for t in range(steps):
                 batch = index[t]
@@ -438,18 +545,12 @@ class PopulationTrainer:
             randomness="different",
         )
         tensors = [params[n] for n in names]
-        momenta = [torch.zeros_like(t).view(self.size, -1) for t in tensors]
-        rates = self._schedule(hyper, index.shape[0], tensors[0].dtype, tensors[0].device)
-        momentum = hyper["momentum"].to(tensors[0]).unsqueeze(1)
-        weight_decay = hyper["weight_decay"].to(tensors[0]).unsqueeze(1)
+        update = self._stepper(tensors, hyper, index.shape[0], grad_clip)
         history = []
         for t in range(index.shape[0]):
             batch = index[t]
             grads, value = step(params, buffers, x[batch], y[batch])
-            self._sgd_step(
-                tensors, [grads[n] for n in names], momenta, rates[t], momentum, weight_decay,
-                grad_clip,
-            )  # fmt: skip
+            update(t, [grads[n] for n in names])
             history.append(value.detach())
         self._write_back(params)
         return torch.stack(history, 1).float().cpu()
@@ -558,10 +659,7 @@ class PopulationTrainer:
         stacked = self._stack_hand(grad=False)
         activations, manual = self._plan()
         manual = manual and loss is None and all(self._has_bias())
-        momenta = [torch.zeros_like(t).view(self.size, -1) for t in stacked]
-        rates = self._schedule(hyper, index.shape[0], stacked[0].dtype, stacked[0].device)
-        momentum = hyper["momentum"].to(stacked[0]).unsqueeze(1)
-        weight_decay = hyper["weight_decay"].to(stacked[0]).unsqueeze(1)
+        update = self._stepper(stacked, hyper, index.shape[0], grad_clip)
         history = []
         for t in range(index.shape[0]):
             batch = index[t]
@@ -579,10 +677,7 @@ class PopulationTrainer:
                 grads = torch.autograd.grad(value.sum(), stacked)
                 for tensor in stacked:
                     tensor.requires_grad_(False)
-            with torch.no_grad():
-                self._sgd_step(
-                    stacked, list(grads), momenta, rates[t], momentum, weight_decay, grad_clip
-                )
+            update(t, list(grads))
             history.append(value.detach())
         self._unstack_hand(stacked)
         return torch.stack(history, 1).float().cpu()
