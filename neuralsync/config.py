@@ -38,8 +38,10 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """The live model and how it learns online."""
 
-    #: ``genome``: a network the evolution engine designed, described by ``genome``.
-    type: Literal["mlp", "linear", "genome"] = "mlp"
+    #: ``genome``: a network the evolution engine designed, described by ``genome``;
+    #: ``rls``: the network mixed online with linear experts kept by recursive least squares
+    #: (see ``neuralsync.rls``).
+    type: Literal["mlp", "linear", "genome", "rls"] = "mlp"
     hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32])
     activation: Literal["relu", "tanh", "gelu", "silu"] = "relu"
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
@@ -144,7 +146,7 @@ class EvolutionConfig(_Strict):
     crossover_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
     #: Chance that a child's mutation is structural (add, remove, resize, retype a block,
     #: toggle a skip) rather than parametric.
-    structural_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
+    structural_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
     #: Children mutate at 0.3σ, 1σ and 3σ; false mutates every child at 1σ.
     multiscale: bool = True
     #: Starting mutation scale σ (log space for learning rate and weight decay); progress

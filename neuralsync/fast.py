@@ -52,6 +52,8 @@ def fast_path_reason(config: ModelConfig, device: torch.device | str = "cpu") ->
         )
     if config.type == "genome":
         return "an evolved network (the fast path runs the plain window MLP)"
+    if config.type == "rls":
+        return "an RLS mixture (neuralsync.rls runs its own numpy updates)"
     if config.type == "mlp" and len(config.hidden) > 1:
         return f"{len(config.hidden)} hidden layers (the fast path has at most one)"
     if config.type == "mlp" and config.activation not in ACTIVATION_CODES:
@@ -70,6 +72,10 @@ def make_learner(
     device: torch.device | str = "cpu",
 ) -> OnlineLearner:
     """A :class:`FastLearner` when the model allows it, else the reference learner."""
+    if config.type == "rls":
+        from neuralsync.rls import RLSLearner
+
+        return RLSLearner(config, n_inputs, lookback, horizon, target_index, device=device)
     cls = FastLearner if fast_path_reason(config, device) is None else OnlineLearner
     return cls(config, n_inputs, lookback, horizon, target_index, device=device)
 
@@ -121,11 +127,12 @@ class FastLearner(OnlineLearner):
         horizon: int,
         target_index: Sequence[int],
         device: torch.device | str = "cpu",
+        initialise: bool = True,
     ):
         reason = fast_path_reason(config, device)
         if reason is not None:
             raise ValueError(f"this model cannot run on the fast path: {reason}")
-        super().__init__(config, n_inputs, lookback, horizon, target_index, device)
+        super().__init__(config, n_inputs, lookback, horizon, target_index, device, initialise)
         self._bind()
 
     def _bind(self) -> None:

@@ -464,7 +464,7 @@ def test_unknown_set_key(tmp_path):
         (["--set", "model.lr=fast"], "option 'model.lr'"),
         (["--lookback", "0"], "option 'lookback': Input should be greater than 0"),
         (["--detector", "adwinn"], "'adwin', 'page_hinkley', 'kswin' or 'none'"),
-        (["--model", "rnn"], "'mlp' or 'linear'"),
+        (["--model", "rnn"], "'mlp', 'linear'"),
     ],
 )
 def test_bad_command_line_values(tmp_path, args, expected):

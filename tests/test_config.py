@@ -287,7 +287,7 @@ def test_unknown_nested_option_names_the_dotted_key_and_its_line(tmp_path):
         ("lookback: 0\n", 4, "lookback", "greater than 0"),
         ("features: 3\n", 4, "features", "valid list"),
         ("model:\n  lr: -1\n", 5, "model.lr", "greater than 0"),
-        ("model:\n  type: transformer\n", 5, "model.type", "'mlp' or 'linear'"),
+        ("model:\n  type: transformer\n", 5, "model.type", "'mlp', 'linear'"),
         ("model: 3\n", 4, "model", "dictionary"),
         ("missing: zero\n", 4, "missing", "'error', 'drop' or 'ffill'"),
     ],

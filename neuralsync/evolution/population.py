@@ -31,9 +31,11 @@ backends draw them in different orders, so with dropout they agree in distributi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -298,7 +300,8 @@ class PopulationTrainer:
             module.train()
         if self.backend_ == "vmap":
             try:
-                losses = self._train_vmap(x, y, index, hyper, grad_clip, loss_fn, generator)
+                with _quiet_rnn_fallback():
+                    losses = self._train_vmap(x, y, index, hyper, grad_clip, loss_fn, generator)
             except Exception as error:  # the modules are untouched: written back only at the end
                 # A genuine error (bad shapes, a bad loss) is raised again by the loop.
                 self.backend_ = "loop"
@@ -322,7 +325,8 @@ class PopulationTrainer:
                 return self._forward_hand(self._stack_hand(grad=False), x)
             if self.backend_ == "vmap":
                 try:
-                    return self._predict_vmap(x)
+                    with _quiet_rnn_fallback():
+                        return self._predict_vmap(x)
                 except Exception as error:
                     self.backend_ = "loop"
                     self.backend_reason_ = f"vmap failed ({type(error).__name__}: {error}); loop"
@@ -761,3 +765,14 @@ def _per_candidate(loss_fn: LossFn, prediction: Tensor, target: Tensor) -> Tenso
 
 def _describe(shapes: dict[str, torch.Size]) -> str:
     return ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items()) or "none"
+
+
+@contextlib.contextmanager
+def _quiet_rnn_fallback() -> Iterator[None]:
+    """Silence torch's note that vmap has no batching rule for its CPU RNN kernel: vmap then
+    loops over the candidates inside, which is correct, and torch says so at every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="There is a performance drop because we have not yet implemented"
+        )
+        yield
