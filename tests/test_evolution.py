@@ -21,6 +21,7 @@ from neuralsync.config import EvolutionConfig, ModelConfig, Scenario
 from neuralsync.evolution.adapter import EvolutionAdapter
 from neuralsync.evolution.engine import EvolutionEngine
 from neuralsync.evolution.genome import Genome
+from neuralsync.evolution.surrogate import Surrogate
 from neuralsync.gates import StabilityGate
 from neuralsync.learner import OnlineLearner
 from neuralsync.pipeline import Pipeline
@@ -41,6 +42,7 @@ def _windows(n: int = 160, shift: float = 0.0, seed: int = 0) -> tuple[torch.Ten
 
 
 def _live(steps: int = 0) -> OnlineLearner:
+    torch.manual_seed(0)  # the same live model whatever ran before
     learner = OnlineLearner(ModelConfig(hidden=[16]), 1, LOOKBACK, 1, [0])
     x, y = _windows(200, seed=1)
     for i in range(steps):
@@ -101,34 +103,29 @@ def test_lamarckian_inheritance_starts_the_search_from_the_live_weights():
     assert inherited.incumbent_fitness < 0.5 * fresh.incumbent_fitness
 
 
+class _Pessimist(Surrogate):
+    """A surrogate sure that every genome is ten times worse than the live model."""
+
+    def predict(self, features):
+        rows = np.atleast_2d(features)
+        return np.full(len(rows), math.log(10.0)), np.full(len(rows), 0.05)
+
+
 def test_a_surrogate_that_predicts_every_child_clearly_worse_keeps_them_untrained():
     x, y = _windows()
     live = _live(50)
     # No resonance: only the best survives a generation, so every generation has children.
     engine = EvolutionEngine(_small(generations=3, resonance_factor=0.0), seed=0)
-    # Teach the surrogate that everything is ten times worse than the incumbent.
-    rng = np.random.default_rng(0)
-    base = Genome.from_model_config(live.config)
-    regime = np.zeros(len(engine_features(engine, live)) - len(base.encode(engine.space)))
-    for _ in range(40):
-        genome = Genome.from_dict({**base.to_dict(), "lr": float(10 ** rng.uniform(-4, -1))})
-        engine.surrogate_.add(np.concatenate([genome.encode(engine.space), regime]), math.log(10))
+    engine.surrogate_ = _Pessimist()
     result = engine.search(live, x, y, position=0)
-    assert engine.counts_["prefiltered"] > 0
-    assert sum(r["prefiltered"] for r in result.history) == engine.counts_["prefiltered"]
+    # Generation 0 (the seed) is trained whatever the surrogate says; later children are not.
+    assert [r["evaluated"] for r in result.history] == [4, 0, 0]
+    # Three children are screened per free slot (three slots): all nine refused.
+    assert [r["prefiltered"] for r in result.history][1:] == [9, 9]
+    assert engine.counts_["prefiltered"] == 18
     plain = EvolutionEngine(_small(generations=3, resonance_factor=0.0, surrogate=False), seed=0)
     plain.search(live, x, y, position=0)
-    assert plain.counts_["prefiltered"] == 0
-    assert plain.counts_["evaluated"] > engine.counts_["evaluated"]
-
-
-def engine_features(engine: EvolutionEngine, live: OnlineLearner) -> np.ndarray:
-    """The surrogate's input row for the live genome (encoding + regime features)."""
-    from neuralsync.evolution.surrogate import regime_features
-
-    _, y = _windows()
-    regime = regime_features(y.numpy(), np.array([1.0]))
-    return np.concatenate([Genome.from_model_config(live.config).encode(engine.space), regime])
+    assert plain.counts_["prefiltered"] == 0 and plain.counts_["evaluated"] == 4 + 3 + 3
 
 
 def test_the_winner_goes_live_with_the_live_optimiser_settings_unless_asked_otherwise():
@@ -396,3 +393,24 @@ def test_prequential_fitness_scores_the_network_that_would_go_live():
     )
     holdout = EvolutionEngine(_small(fitness="holdout"), seed=0).search(live, x, y, position=0)
     assert holdout.best.final is None
+
+
+class _Optimist(_Pessimist):
+    def predict(self, features):
+        mean, std = super().predict(features)
+        return -mean, std
+
+
+def test_the_winners_risk_weighs_the_surrogates_prior_against_its_measured_fitness():
+    x, y = _windows()
+    live = _live(50)
+    risks = {}
+    for name, surrogate in (("pessimist", _Pessimist()), ("optimist", _Optimist())):
+        engine = EvolutionEngine(_small(generations=1), seed=0)
+        engine.surrogate_ = surrogate
+        result = engine.search(live, x, y, position=0)
+        assert result.best is not None and result.best.origin != "incumbent"
+        risks[name] = result.risk
+    assert 0.0 <= risks["optimist"] < 0.5 < risks["pessimist"] <= 1.0
+    engine = EvolutionEngine(_small(generations=1, surrogate=False), seed=0)
+    assert engine.search(live, x, y, position=0).risk is None

@@ -90,6 +90,8 @@ class Candidate:
     #: With ``fitness: prequential``: the network after its test-then-train pass over the
     #: fitness slice, ready to go live (``module`` stays as it was before, for its children).
     final: torch.nn.Module | None = None
+    #: Its error on each sample of the fitness slice (the fitness is their mean).
+    sample_losses: torch.Tensor | None = None
 
 
 @dataclass
@@ -205,6 +207,11 @@ class EvolutionEngine:
             if generation == 0:
                 incumbent_fitness = incumbent.fitness
                 features = regime_features(data[1].numpy(), np.array([incumbent_fitness]))
+                if cfg.surrogate:
+                    # Generation 0 is not screened (it is the search's seed), but each member
+                    # still gets a prediction made before its result is added: the risk of a
+                    # winner from generation 0, and more checks of the surrogate.
+                    self._predict_for([c for c in fresh if c is not incumbent], features)
             rejected = []
             for candidate in fresh:
                 relative = _relative(candidate.fitness, incumbent_fitness)
@@ -260,11 +267,28 @@ class EvolutionEngine:
         self.elites_ = [c.genome.to_dict() for c in ranked[: self.elites] if c is not incumbent]
         self.searches_ += 1
         self.history_ = (self.history_ + result_history)[-500:]
-        risk = None
-        if cfg.surrogate and best.predicted is not None and best is not incumbent:
-            std = best.predicted_std or 0.05
-            risk = 0.5 * (1.0 + math.erf(best.predicted / (std * math.sqrt(2.0))))
+        risk = self._risk(best, incumbent) if cfg.surrogate else None
         return SearchResult(best, incumbent_fitness, risk, result_history, evaluations)
+
+    def _risk(self, best: Candidate, incumbent: Candidate) -> float | None:
+        """The probability that ``best`` is worse than the live model: the surrogate's
+        prediction (made before ``best`` was trained, with the spread of the trees and of the
+        surrogate's past errors) as a prior, updated by ``best``'s measured fitness (with the
+        standard error of its per-sample advantage over the incumbent). ``None`` without a
+        prediction (the surrogate was not ready) or when the incumbent won."""
+        if best is incumbent or best.predicted is None or best.sample_losses is None:
+            return None
+        prior_var = (best.predicted_std or 0.05) ** 2 + self.surrogate_.error() ** 2
+        measured = _relative(best.fitness, incumbent.fitness)
+        if not math.isfinite(measured) or incumbent.sample_losses is None:
+            return 1.0
+        diff = (best.sample_losses - incumbent.sample_losses).double()
+        spread = float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
+        # Delta method: the standard error of log(best / incumbent).
+        measured_var = max(spread / max(incumbent.fitness, 1e-12), 1e-3) ** 2
+        weight = (1.0 / prior_var) + (1.0 / measured_var)
+        mean = (best.predicted / prior_var + measured / measured_var) / weight
+        return 0.5 * (1.0 + math.erf(mean * math.sqrt(weight) / math.sqrt(2.0)))
 
     def _child(
         self,
@@ -349,6 +373,17 @@ class EvolutionEngine:
             nxt.append(child)
         return nxt
 
+    def _predict_for(self, candidates: list[Candidate], features: np.ndarray) -> None:
+        """Set each candidate's surrogate prediction (relative loss and spread), if ready."""
+        if not candidates:
+            return
+        rows = np.stack([_features(c.genome, self.space, features) for c in candidates])
+        predicted = self.surrogate_.predict(rows)
+        if predicted is None:
+            return
+        for candidate, mean, std in zip(candidates, *predicted, strict=True):
+            candidate.predicted, candidate.predicted_std = float(mean), float(std)
+
     def _evaluate(
         self,
         candidates: list[Candidate],
@@ -400,13 +435,18 @@ class EvolutionEngine:
                     else online.weight_decay,
                     grad_clip=clip if own else online.grad_clip,
                     generator=generator,
-                ).mean(1)
+                )
                 for candidate, final in zip(members, live.modules(), strict=True):
                     candidate.final = final
                 samples += n * len(members)
             else:
-                losses = trainer.evaluate(x_fit, y_fit)
-            for candidate, module, loss in zip(members, trainer.modules(), losses, strict=True):
+                prediction = trainer.predict(x_fit)
+                losses = ((prediction - y_fit) ** 2).flatten(2).mean(2)
+            for candidate, module, per_sample in zip(
+                members, trainer.modules(), losses.detach(), strict=True
+            ):
+                candidate.sample_losses = per_sample
+                loss = per_sample.mean()
                 candidate.module = module
                 value = float(loss)
                 candidate.fitness = value if math.isfinite(value) else math.inf

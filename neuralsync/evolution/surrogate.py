@@ -136,6 +136,14 @@ class Surrogate:
         if math.isfinite(predicted) and math.isfinite(measured):
             self.checks_.append((float(predicted), float(measured)))
 
+    def error(self, min_checks: int = 5, prior: float = 0.5) -> float:
+        """The root-mean-square error of its predictions on unseen candidates so far: how far
+        to trust the next one. ``prior`` until ``min_checks`` have been made."""
+        if len(self.checks_) < min_checks:
+            return prior
+        predicted, measured = np.array(self.checks_).T
+        return float(np.sqrt(np.mean((predicted - measured) ** 2)))
+
     def kendall_tau(self) -> float | None:
         """Rank agreement between predicted and measured relative losses on unseen candidates."""
         if len(self.checks_) < 3:
