@@ -125,6 +125,25 @@ def test_hand_agrees_on_a_plain_sequential_with_a_custom_loss():
         torch.testing.assert_close(losses, losses_loop, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["window_mlp", "window_gelu"])
+def test_adamw_steps_agree_with_torch_adamw_on_every_backend(name):
+    x, y = _window_data()
+    modules = _seeded(MLPS[name])
+    adam = {"optimizer": "adamw", "beta2": 0.99, "lr": [1e-3, 3e-3, 1e-2, 3e-4]}
+    _, loss_loop, loop = _train(modules, "loop", x, y, **adam)
+    _, _, sgd = _train(modules, "loop", x, y)
+    assert not torch.allclose(loop, sgd)
+    for backend in ("vmap", "hand"):
+        trainer, losses, params = _train(modules, backend, x, y, **adam)
+        assert trainer.backend_ == backend
+        torch.testing.assert_close(params, loop, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(losses, loss_loop, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        _train(modules, "vmap", x, y, optimizer="adam")
+    with pytest.raises(ValueError, match="beta1"):
+        _train(modules, "vmap", x, y, optimizer="adamw", momentum=1.0)
+
+
 @pytest.mark.parametrize("factory", [_GRUNet, _LSTMNet, _ConvNet, _AttentionNet])
 def test_vmap_trains_recurrent_conv_and_attention_modules_like_the_loop(factory):
     x, y = _window_data()

@@ -191,3 +191,65 @@ def test_resonance_hpo_rejects_bad_configuration():
         ResonanceHPO(_bowl, mutation_rate=1.5)
     with pytest.raises(ValueError, match="needs x and y"):
         ResonanceHPO(model=_mlp).fit()
+
+
+def test_exploit_copies_the_best_members_and_initial_members_start_where_told(monkeypatch):
+    x, y, xv, yv = _regression()
+    ranges = {"lr": (1e-3, 0.1), "momentum": (0.5, 0.9), "weight_decay": (0.0, 1e-3)}
+    start = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
+    original = ResonanceHPO._exploit
+    calls = []
+
+    def checked(self, members, losses, models):
+        # Wraps the real step and checks what it did: the two worst took over the two best's
+        # hyperparameters and weights.
+        order = sorted(range(len(members)), key=lambda i: (losses[i], i))
+        before = [dict(m) for m in members]
+        copied = original(self, members, losses, models)
+        assert copied == set(order[2:])
+        for winner, loser in zip(order[:2], order[::-1][:2], strict=True):
+            assert members[loser] == before[winner]
+            for a, b in zip(models[loser].parameters(), models[winner].parameters(), strict=True):
+                assert torch.equal(a, b)
+        calls.append(copied)
+        return copied
+
+    monkeypatch.setattr(ResonanceHPO, "_exploit", checked)
+    hpo = ResonanceHPO(
+        model=_mlp, population=4, generations=3, steps_per_generation=10, batch_size=32,
+        ranges=ranges, exploit=0.5, initial=[start], seed=0,
+    ).fit(x, y, xv, yv)  # fmt: skip
+    assert len(calls) == 3
+    first = hpo.history_[0]["members"][0]
+    assert {k: first[k] for k in start} == start
+    for record in hpo.history_:
+        assert record["actions"].count("exploit") == 2
+    monkeypatch.undo()
+    # Without exploit (the published rule) nothing is copied; a starting point replaces only
+    # the first draw.
+    plain = ResonanceHPO(model=_mlp, population=4, generations=2, steps_per_generation=5,
+                         ranges=ranges, seed=0).fit(x, y, xv, yv)  # fmt: skip
+    assert "exploit" not in {a for r in plain.history_ for a in r["actions"]}
+    seeded = ResonanceHPO(model=_mlp, population=4, generations=1, steps_per_generation=5,
+                          ranges=ranges, initial=[start], seed=0).fit(x, y, xv, yv)  # fmt: skip
+    assert [{k: m[k] for k in start} for m in seeded.history_[0]["members"][1:]] == [
+        {k: m[k] for k in start} for m in plain.history_[0]["members"][1:]
+    ]
+
+
+def test_batched_resonance_hpo_trains_with_adamw_and_rejects_bad_starts():
+    x, y, xv, yv = _regression()
+    hpo = ResonanceHPO(model=_mlp, population=3, generations=3, steps_per_generation=20,
+                       optimizer="adamw", beta2=0.99, seed=0).fit(x, y, xv, yv)  # fmt: skip
+    first = [m["loss"] for m in hpo.history_[0]["members"]]
+    last = [m["loss"] for m in hpo.history_[-1]["members"]]
+    assert sum(last) < sum(first)
+    with pytest.raises(ValueError, match="outside the ranges"):
+        ResonanceHPO(model=_mlp, initial=[{"lr": 1.0, "momentum": 0.9, "weight_decay": 0.0}])
+    with pytest.raises(ValueError, match="initial members for a population of 2"):
+        ResonanceHPO(model=_mlp, population=2,
+                     initial=[{"lr": 1e-4, "momentum": 0.6, "weight_decay": 0.0}] * 3)  # fmt: skip
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ResonanceHPO(model=_mlp, optimizer="adam")
+    with pytest.raises(ValueError, match="exploit must be in"):
+        ResonanceHPO(model=_mlp, exploit=2.0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from neuralsync.evolution.operators import MULTISCALE, AdaptiveSigma, LearningRateAnnealer
-from neuralsync.evolution.population import PopulationTrainer
+from neuralsync.evolution.population import OPTIMIZERS, PopulationTrainer
 
 __all__ = ["DEFAULT_RANGES", "HybridES", "ResonanceHPO"]
 
@@ -120,7 +120,8 @@ class HybridES:
         vectors, after learning), ``samples_seen`` (cumulative training samples),
         ``wall_seconds`` (cumulative), and ``metric`` (the best child's) when a metric is given.
     parent_
-        The current parent.
+        The current parent (the last generation's best child, as it learned); already set
+        when ``callback`` is called, so a callback can score it, e.g. on test data.
     best_model_, best_fitness_
         The fittest model seen, and its fitness.
 
@@ -288,11 +289,11 @@ class HybridES:
             if scores is not None:
                 record["metric"] = float(scores[best])
             self.history_.append(record)
+            parent, parent_fitness = children[best], float(fitness[best])
+            # Set before the callback, so that it can score the generation's winner.
+            self.parent_, self.sigma_ = parent, sigma.sigma_
             if callback is not None:
                 callback(record)
-            parent, parent_fitness = children[best], float(fitness[best])
-        self.parent_ = parent
-        self.sigma_ = sigma.sigma_
         return self
 
 
@@ -309,6 +310,13 @@ class ResonanceHPO:
     A member that mutated or was nudged also has its learning rate annealed: × exp(T × N(0, 1))
     with the temperature ``T = t0 × cooling**generation`` (``anneal=None``: no annealing).
     Values are clipped to their ranges. The best (hyperparameters, loss, model) so far is kept.
+
+    With ``exploit > 0`` (off by default, an addition to the published design) the search
+    also selects: after each evaluation the ``round(exploit × population)`` worst members
+    (at most half) take over the hyperparameters (and, the batched way, the weights) of the
+    as many best, then mutate, so a copy never retraces its source's steps. Without it nothing
+    selects: every member follows its own random walk and the search is a random search whose
+    points drift.
 
     Two ways to evaluate:
 
@@ -335,8 +343,17 @@ class ResonanceHPO:
         ``name -> (low, high)``.
     mutation_rate, resonance_factor, anneal
         The update rule above; ``anneal`` is ``(t0, cooling)``.
+    exploit
+        The fraction of the population replaced by copies of the best each generation.
+    initial
+        Starting points (e.g. known defaults) for the first members, within ``ranges``; the
+        others start at random as above.
     steps_per_generation, batch_size, grad_clip, backend
         The batched way's training.
+    optimizer, beta2
+        The batched way's optimiser: ``"sgd"`` (``momentum`` is SGD's momentum) or ``"adamw"``
+        (``momentum`` is Adam's β1, ``beta2`` its β2); see
+        :meth:`~neuralsync.evolution.population.PopulationTrainer.train`.
     seed
         Seeds every random choice (and the factory's initialisations).
 
@@ -345,8 +362,8 @@ class ResonanceHPO:
     history_
         Per generation: ``generation``, ``best_loss``, ``mean_loss``, ``best_loss_so_far``,
         ``temperature``, ``members`` (each member's hyperparameters and ``loss``, as evaluated),
-        ``actions`` (``"mutate"``, ``"keep"`` or ``"nudge"`` per member, for the next
-        generation), ``steps`` (cumulative optimizer steps, batched way) and ``wall_seconds``.
+        ``actions`` (``"mutate"``, ``"keep"``, ``"nudge"`` or ``"exploit"`` per member, for the
+        next generation), ``steps`` (cumulative optimizer steps, batched way) and ``wall_seconds``.
     best_params_, best_loss_, best_model_
         The best so far (``best_model_``: None when ``train_fn`` returns only a loss).
 
@@ -378,6 +395,10 @@ class ResonanceHPO:
         grad_clip: float | None = None,
         backend: str = "auto",
         seed: int = 0,
+        exploit: float = 0.0,
+        optimizer: str = "sgd",
+        beta2: float = 0.999,
+        initial: Sequence[Mapping[str, float]] | None = None,
     ):
         if (train_fn is None) == (model is None):
             raise ValueError("ResonanceHPO: give either train_fn or model (batched), not both")
@@ -389,6 +410,7 @@ class ResonanceHPO:
         for name, value in (
             ("mutation_rate", mutation_rate),
             ("resonance_factor", resonance_factor),
+            ("exploit", exploit),
         ):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"ResonanceHPO: {name} must be in [0, 1], got {value}")
@@ -405,6 +427,25 @@ class ResonanceHPO:
                 )
         if anneal is not None:
             LearningRateAnnealer(*anneal)  # validates t0 and cooling
+        for start in initial or ():
+            outside = {
+                name: start.get(name)
+                for name, (low, high) in ranges.items()
+                if name not in start or not low <= start[name] <= high
+            }
+            if outside:
+                raise ValueError(
+                    f"ResonanceHPO: initial member {dict(start)} is missing or outside the "
+                    f"ranges for {sorted(outside)} (ranges {ranges})"
+                )
+        if initial is not None and len(initial) > population:
+            raise ValueError(
+                f"ResonanceHPO: {len(initial)} initial members for a population of {population}"
+            )
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"ResonanceHPO: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}"
+            )
         self.train_fn = train_fn
         self.model = model
         self.population = population
@@ -418,6 +459,10 @@ class ResonanceHPO:
         self.grad_clip = grad_clip
         self.backend = backend
         self.seed = seed
+        self.exploit = exploit
+        self.initial = None if initial is None else [dict(m) for m in initial]
+        self.optimizer = optimizer
+        self.beta2 = beta2
 
     def _initial(self, rng: np.random.Generator) -> list[dict[str, float]]:
         members = []
@@ -429,13 +474,23 @@ class ResonanceHPO:
                 else:
                     member[name] = float(rng.uniform(low, high))
             members.append(member)
+        # The given starting points replace the first draws; the rest stay as drawn, so the
+        # other members are the same with and without them.
+        for i, start in enumerate(self.initial or ()):
+            members[i] = {name: float(start[name]) for name in self.ranges}
         return members
 
     def _step(
-        self, member: dict[str, float], generation: int, rng: np.random.Generator
+        self,
+        member: dict[str, float],
+        generation: int,
+        rng: np.random.Generator,
+        copied: bool = False,
     ) -> tuple[dict[str, float], str]:
         """The member of the next generation, and what happened to it."""
-        if rng.random() < self.mutation_rate:
+        if copied:
+            action, width = "exploit", 0.1
+        elif rng.random() < self.mutation_rate:
             action, width = "mutate", 0.1
         elif rng.random() < self.resonance_factor:
             return dict(member), "keep"
@@ -506,7 +561,8 @@ class ResonanceHPO:
                         models[i].load_state_dict(self.best_model_.state_dict())
             finite = [v for v in losses if math.isfinite(v)]
             evaluated = [{**m, "loss": v} for m, v in zip(members, losses, strict=True)]
-            stepped = [self._step(m, generation, rng) for m in members]
+            copied = self._exploit(members, losses, models if batched else None)
+            stepped = [self._step(m, generation, rng, i in copied) for i, m in enumerate(members)]
             members = [m for m, _ in stepped]
             record = {
                 "generation": generation,
@@ -524,6 +580,24 @@ class ResonanceHPO:
                 callback(record)
         self.members_ = members
         return self
+
+    def _exploit(
+        self, members: list[dict[str, float]], losses: list[float], models: list | None
+    ) -> set[int]:
+        """Replace the worst members by copies of the best, in place; return who was replaced.
+
+        Ranks are by loss (ties by position, so the outcome is deterministic); the k-th worst
+        copies the k-th best.
+        """
+        count = min(round(self.exploit * len(members)), len(members) // 2)
+        if count == 0:
+            return set()
+        order = sorted(range(len(members)), key=lambda i: (losses[i], i))
+        for winner, loser in zip(order[:count], order[::-1][:count], strict=True):
+            members[loser] = dict(members[winner])
+            if models is not None:
+                models[loser].load_state_dict(models[winner].state_dict())
+        return set(order[::-1][:count])
 
     def _train_each(
         self, members: list[dict[str, float]], rng: np.random.Generator
@@ -547,7 +621,7 @@ class ResonanceHPO:
             x, y, steps=self.steps_per_generation, batch_size=self.batch_size,
             lr=column("lr", 1e-3), momentum=column("momentum", 0.0),
             weight_decay=column("weight_decay", 0.0), grad_clip=self.grad_clip,
-            generator=generator, loss=loss,
+            generator=generator, loss=loss, optimizer=self.optimizer, beta2=self.beta2,
         )  # fmt: skip
         values = trainer.evaluate(x_val, y_val, loss).double()
         return [float(v) if math.isfinite(float(v)) else math.inf for v in values]
