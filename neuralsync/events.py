@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Event", "EventBus", "format_stream_time"]
+__all__ = ["Event", "EventBus", "format_stream_time", "json_safe"]
 
 
 _OWN_FIELDS = frozenset({"type", "stream_time", "wall_time", "position"})
@@ -107,3 +107,20 @@ class EventBus:
         self.counts[event.type] = self.counts.get(event.type, 0) + 1
         for callback in self._subscribers:
             callback(event)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN and infinity replaced by ``None``, at any depth: JSON has no
+    such numbers, and a figure that does not exist yet is ``null``.
+
+    >>> json_safe({"mse": float("nan"), "lags": [1.0, float("inf")]})
+    {'mse': None, 'lags': [1.0, None]}
+
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

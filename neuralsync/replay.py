@@ -20,7 +20,7 @@ from neuralsync.adaptation import build_adapters
 from neuralsync.base import PredictionSink, Source
 from neuralsync.config import Scenario
 from neuralsync.errors import CheckpointError, ConfigError
-from neuralsync.events import Event, format_stream_time
+from neuralsync.events import Event, format_stream_time, json_safe
 from neuralsync.files import ResumableFile
 from neuralsync.pipeline import Pipeline
 from neuralsync.registry import load_plugin
@@ -258,7 +258,7 @@ class ReplayRun:
         for sink in (self.sink, self.events, self.dead_letters):
             sink.flush()
         metrics["adaptation_lag"] = self._adaptation_lag(metrics)
-        (self.out_dir / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2) + "\n")
+        (self.out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2) + "\n")
         return metrics
 
     def _adaptation_lag(self, metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -276,17 +276,6 @@ class ReplayRun:
     def close(self) -> None:
         for sink in (self.sink, self.events, self.dead_letters):
             sink.close()
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: write ``null`` for figures that do not exist yet."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def replay(

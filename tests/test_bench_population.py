@@ -6,29 +6,16 @@ backend trained the population.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import pytest
 import torch
+from cli_support import last_json_object
 from typer.testing import CliRunner
 
 from neuralsync.bench.population import TRAIN_BACKENDS, format_table
 from neuralsync.cli import app
-
-
-def _last_json_object(text: str) -> dict[str, Any]:
-    """The last top-level JSON object in ``text`` (log lines may come before it)."""
-    decoder = json.JSONDecoder()
-    for start in reversed([i for i, c in enumerate(text) if c == "{"]):
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict) and not text[end:].strip():
-            return value
-    raise AssertionError(f"no JSON object at the end of the output:\n{text}")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +24,7 @@ def figures() -> dict[str, Any]:
     result = CliRunner().invoke(app, ["bench", "population", "--quick", "--json"])
     assert result.exit_code == 0, result.output
     assert torch.get_num_threads() == threads  # the bench restores the caller's threads
-    return _last_json_object(result.stdout)
+    return last_json_object(result.stdout)
 
 
 def test_figures_have_every_backend_and_ratio(figures):

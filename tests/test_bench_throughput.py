@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 import pytest
+from cli_support import last_json_object
 from filelock import FileLock
 from typer.testing import CliRunner
 
@@ -20,19 +21,6 @@ from neuralsync.cli import app
 
 N_INPUTS, HIDDEN = 8, 32  # the benchmark's model: 8 -> 32 -> 1, one row of 8 inputs
 KEY_COUNTS = (1_000, 10_000)
-
-
-def _last_json_object(text: str) -> dict[str, Any]:
-    """The last top-level JSON object in ``text`` (log lines may come before it)."""
-    decoder = json.JSONDecoder()
-    for start in reversed([i for i, c in enumerate(text) if c == "{"]):
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(value, dict) and not text[end:].strip():
-            return value
-    raise AssertionError(f"no JSON object at the end of the output:\n{text}")
 
 
 def _run_benchmark() -> dict[str, Any]:
@@ -79,7 +67,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def figures(bench: dict[str, Any]) -> dict[str, Any]:
     assert bench["code"] == 0, bench["output"]
-    return _last_json_object(bench["stdout"])
+    return last_json_object(bench["stdout"])
 
 
 def _positive(value: Any) -> bool:

@@ -9,7 +9,6 @@ depends only on those records, which is what makes recovery from a checkpoint ex
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +18,7 @@ from connectors.kafka.records import PoisonRecord, RecordDecoder
 from neuralsync.adaptation import build_adapters
 from neuralsync.base import Batch
 from neuralsync.config import Scenario
-from neuralsync.events import Event, format_stream_time
+from neuralsync.events import Event, format_stream_time, json_safe
 from neuralsync.pipeline import Pipeline
 
 __all__ = ["Output", "PartitionProcessor", "prediction_id"]
@@ -194,7 +193,7 @@ class PartitionProcessor:
             return
         record = event.to_dict()
         record.update({"topic": self.topic, "partition": self.partition, "offset": offset})
-        self._outputs.append(Output("events", None, json.dumps(_finite(record)).encode()))
+        self._outputs.append(Output("events", None, json.dumps(json_safe(record)).encode()))
         if event.type == "learn_skipped":
             self._dead_letter(NON_FINITE_LOSS)
 
@@ -228,13 +227,3 @@ class PartitionProcessor:
         self.next_offset_ = int(state["next_offset"])
         self.last_timestamp_ = dict(state["daemon"]["last_timestamp"])
         self.counts_ = dict(state["daemon"]["counts"])
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
