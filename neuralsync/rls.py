@@ -1,0 +1,388 @@
+"""A live model with a linear core: recursive least squares experts and the network, mixed online.
+
+On the online forecasting benchmarks (ETTh2, WTH, exchange rates) an SGD-trained network loses to
+plain linear models kept exact by recursive least squares (RLS). :class:`RLSLearner` keeps the
+network and puts it beside two such linear experts, all forecasting the change from the last
+observed value (NLinear's "subtract last"):
+
+- ``channel``: per-channel NLinear, one linear map from a channel's window (minus its last value)
+  to its horizon, shared by every target channel, kept by RLS;
+- ``window``: one linear map from the whole flattened window (every input column, relative to
+  its last value) to every target's horizon, kept by RLS;
+- ``network``: the scenario's window MLP, learned by SGD as the plain learner learns it.
+
+The forecast is ``last + sum_e w[h, t, e] * change_e[h, t]``: for every step ``h`` and target
+``t`` a weight per expert, the least-squares combination of the experts' past forecasts (each
+taken when it was issued, so out of sample), discounted by ``mixture_forgetting`` and shrunk
+towards equal weights. A weight may fall to zero: the last-value forecast is the mixture of no
+expert.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.linalg.blas import dger as _ger
+
+from neuralsync.config import ModelConfig
+from neuralsync.learner import OnlineLearner
+
+__all__ = ["RLS", "RLSLearner", "learner_from_state_dict"]
+
+#: Experts in the order of the mixture's weights.
+EXPERTS = ("channel", "window", "network")
+#: Shrinkage of the mixture weights towards equal weights, in units of one sample's squared
+#: forecast change: weak, it only steadies the weights before enough forecasts were scored.
+_MIX_PRIOR = 1.0
+
+
+class RLS:
+    """Multi-output recursive least squares with a forgetting factor.
+
+    ``W`` solves ``min sum_i forgetting**(n-i) ||y_i - x_i W||^2 + alpha ||W||^2``; each
+    :meth:`learn` takes a block of rows observed at the same time (one forgetting step per
+    block): the channels of one window are one update. The inverse information matrix is
+    ``scale_ * P_``: forgetting multiplies the scalar, not the matrix, so a step costs one
+    rank-one BLAS update per row.
+
+    Parameters
+    ----------
+    n_features, n_outputs
+        Shapes of ``x`` and ``y`` rows.
+    alpha
+        Ridge penalty of the starting solution (``P = I / alpha``).
+    forgetting
+        Weight of the past relative to a new block; 1 never forgets.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(200, 3))
+    >>> y = x @ np.array([[1.0], [-2.0], [0.5]])
+    >>> rls = RLS(3, 1, alpha=1e-6)
+    >>> for i in range(0, 200, 4):
+    ...     rls.learn(x[i : i + 4], y[i : i + 4])
+    >>> rls.W_.ravel().round(4)
+    array([ 1. , -2. ,  0.5])
+    >>> ridge = RLS(3, 1, alpha=1e-6).fit(x, y)  # the same solution in one solve
+    >>> bool(np.allclose(ridge.W_, rls.W_))
+    True
+
+    """
+
+    def __init__(
+        self, n_features: int, n_outputs: int, alpha: float = 1.0, forgetting: float = 1.0
+    ):
+        if not 0.0 < forgetting <= 1.0:
+            raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
+        if alpha <= 0.0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        self.alpha = alpha
+        self.forgetting = forgetting
+        self.W_ = np.zeros((n_features, n_outputs))
+        self.P_ = np.eye(n_features) / alpha
+        self.scale_ = 1.0
+
+    def fit(self, X: np.ndarray, Y: np.ndarray) -> RLS:
+        """The ridge solution over rows ``X``, ``Y``: the state RLS reaches with forgetting 1."""
+        P = np.linalg.inv(X.T @ X + self.alpha * np.eye(X.shape[1]))
+        self.P_ = (P + P.T) / 2
+        self.scale_ = 1.0
+        self.W_ = self.P_ @ (X.T @ Y)
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.W_
+
+    def learn(self, X: np.ndarray, Y: np.ndarray) -> None:
+        """One block update with rows ``X`` ``(n, features)`` and targets ``Y`` ``(n, outputs)``."""
+        # Forgetting once for the block, then one exact rank-one update per row.
+        self.scale_ /= self.forgetting
+        Pt = self.P_.T  # P is symmetric; its transpose is the Fortran-ordered array BLAS updates
+        for x, y in zip(np.asarray(X, np.float64), np.asarray(Y, np.float64), strict=True):
+            Px = self.scale_ * (self.P_ @ x)
+            gain = Px / (1.0 + x @ Px)
+            self.W_ += np.outer(gain, y - x @ self.W_)
+            # P <- P - Px Px' / (1 + x'Px): symmetric to the last bit (u_i u_j = u_j u_i).
+            Pt = _ger(-1.0 / (self.scale_ * (1.0 + x @ Px)), Px, Px, a=Pt, overwrite_a=True)
+        self.P_ = Pt.T
+        if self.scale_ > 1e6:  # fold the scalar back before it loses precision
+            self.P_ = self.P_ * self.scale_
+            self.scale_ = 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        # P and its scale apart, not their product: a resumed run must end bit-identical.
+        return {
+            "W": torch.from_numpy(self.W_.copy()),
+            "P": torch.from_numpy(self.P_.copy()),
+            "scale": float(self.scale_),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.W_ = state["W"].numpy().astype(np.float64)
+        # C order, as learn() leaves it: its transpose is what the BLAS update writes in place.
+        self.P_ = np.ascontiguousarray(state["P"].numpy(), dtype=np.float64)
+        self.scale_ = float(state.get("scale", 1.0))
+
+
+class RLSLearner(OnlineLearner):
+    """The live learner of model type ``rls``: RLS linear experts and the network, mixed online.
+
+    Same interface and contracts as :class:`~neuralsync.learner.OnlineLearner` (``predict``,
+    ``learn``, ``squared_errors``, ``clone``, ``state_dict``): the pipeline, its gate and the
+    checkpoints use it as they use the plain learner. ``module_`` is the network expert, which
+    adapters may copy.
+
+    Settings read from the :class:`~neuralsync.config.ModelConfig`: ``rls_alpha`` (ridge
+    penalty of the linear experts' start), ``rls_forgetting`` (the channel expert's forgetting
+    factor; the window expert, with ``n_inputs`` times the parameters, forgets ``n_inputs``
+    times slower), ``mixture_forgetting`` (that of the mixture's statistics), and the network's
+    own settings.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> config = ModelConfig(type="rls", lr=0.01)
+    >>> learner = RLSLearner(config, n_inputs=2, lookback=8, horizon=1, target_index=[0, 1])
+    >>> t = np.arange(400.0)
+    >>> series = np.stack([np.sin(t / 4), np.cos(t / 4)], axis=1).astype(np.float32)
+    >>> losses = [learner.learn(series[i : i + 8][None], series[i + 8 : i + 9][None])
+    ...           for i in range(390)]
+    >>> bool(np.mean(losses[-50:]) < 1e-3 < np.mean(losses[:8]))  # exact linear dynamics
+    True
+    >>> learner.predict(series[390:398][None]).shape
+    (1, 1, 2)
+    >>> twin = RLSLearner.from_state_dict(learner.state_dict(), "cpu")
+    >>> bool(np.array_equal(twin.predict(series[:8][None]), learner.predict(series[:8][None])))
+    True
+
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        n_inputs: int,
+        lookback: int,
+        horizon: int,
+        target_index: Sequence[int],
+        device: torch.device | str = "cpu",
+        initialise: bool = True,
+    ):
+        if config.genome is not None:
+            # An evolved network expert (see with_network): built from its genome, so that a
+            # checkpoint rebuilds the same architecture.
+            genome = config.model_copy(update={"type": "genome"})
+            super().__init__(genome, n_inputs, lookback, horizon, target_index, device, initialise)
+            self.config = config
+        else:
+            super().__init__(config, n_inputs, lookback, horizon, target_index, device, initialise)
+        n_targets = len(self.target_index)
+        alpha, forgetting = config.rls_alpha, config.rls_forgetting
+        self.channel_ = RLS(lookback + 1, horizon, alpha, forgetting)
+        # The window expert has n_inputs times the channel expert's parameters: it remembers
+        # n_inputs times longer, for as many past samples per parameter.
+        window_forgetting = 1.0 - (1.0 - forgetting) / n_inputs
+        self.window_ = RLS(lookback * n_inputs + 1, horizon * n_targets, alpha, window_forgetting)
+        n_experts = len(EXPERTS)
+        self.prior_ = np.full(n_experts, 1.0 / n_experts)
+        self.gram_ = np.zeros((horizon, n_targets, n_experts, n_experts))
+        self.moment_ = np.zeros((horizon, n_targets, n_experts))
+        self.weights_ = np.broadcast_to(self.prior_, self.moment_.shape).copy()
+        # Expert forecasts by window digest, kept until their truth arrives: the mixture learns
+        # from forecasts made before the experts saw the truth (out of sample). Bounded: a
+        # forecast learned much later than its horizon is recomputed instead.
+        self.issued_: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._issued_max = 4 * horizon + 16
+
+    # -- forecasting --------------------------------------------------------------------------
+
+    def _changes(self, windows: np.ndarray) -> np.ndarray:
+        """Each expert's forecast change from the last value: ``(batch, horizon, targets, E)``."""
+        batch = len(windows)
+        ti = self.target_index
+        last = windows[:, -1, :]
+        ones = np.ones((batch, len(ti), 1))
+        rel = (windows[:, :, ti] - last[:, None, ti]).transpose(0, 2, 1)  # (b, T, L)
+        channel = np.concatenate([rel, ones], axis=2) @ self.channel_.W_  # (b, T, H)
+        window = (self._window_features(windows) @ self.window_.W_).reshape(
+            batch, self.horizon, len(ti)
+        )
+        with torch.no_grad():
+            network = self.module_(self._tensor(windows)).cpu().numpy().astype(np.float64)
+        network -= last[:, None, ti]
+        return np.stack([channel.transpose(0, 2, 1), window, network], axis=-1)
+
+    @staticmethod
+    def _window_features(windows: np.ndarray) -> np.ndarray:
+        """The window expert's inputs: every column relative to its last value, and a bias.
+
+        Relative, like the other experts: a level the train rows never reached (ETTh2's test
+        period goes 51 standard deviations out) then changes nothing in the inputs, where raw
+        levels would make the linear map extrapolate.
+        """
+        rel = windows - windows[:, -1:, :]
+        return np.concatenate([rel.reshape(len(rel), -1), np.ones((len(rel), 1))], axis=1)
+
+    def _mixture_weights(self) -> np.ndarray:
+        """Least-squares weights per step and target, shrunk towards equal weights."""
+        eye = np.eye(len(EXPERTS)) * _MIX_PRIOR
+        return np.linalg.solve(
+            self.gram_ + eye, (self.moment_ + _MIX_PRIOR * self.prior_)[..., None]
+        )[..., 0]
+
+    def _forecast(self, windows: np.ndarray, remember: bool) -> np.ndarray:
+        windows = _as_array(windows)
+        changes = self._changes(windows)
+        if remember:
+            for window, change in zip(windows, changes, strict=True):
+                self._remember(_digest(window), change)
+        last = windows[:, -1, self.target_index]
+        return last[:, None, :] + (changes * self.weights_).sum(-1)
+
+    def _remember(self, key: str, change: np.ndarray) -> None:
+        self.issued_[key] = change
+        self.issued_.move_to_end(key)
+        while len(self.issued_) > self._issued_max:
+            self.issued_.popitem(last=False)
+
+    def predict(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Forecast ``(batch, horizon, targets)`` for ``(batch, lookback, inputs)`` windows."""
+        return self._forecast(windows, remember=True).astype(np.float32)
+
+    def squared_errors(self, windows: torch.Tensor, truths: torch.Tensor) -> torch.Tensor:
+        """Mean squared error per sample, without learning."""
+        forecast = self._forecast(windows, remember=False)
+        errors = ((forecast - _as_array(truths)) ** 2).reshape(len(forecast), -1).mean(1)
+        return torch.from_numpy(errors.astype(np.float32))
+
+    # -- learning -----------------------------------------------------------------------------
+
+    def learn(self, windows: np.ndarray | torch.Tensor, truths: np.ndarray | torch.Tensor) -> float:
+        """Learn a batch: the mixture from the experts' forecasts, each expert from the truth.
+
+        Returns the mixture's loss before the step. A batch that is not finite is skipped and
+        counted in ``skipped_steps_``, as for the plain learner.
+        """
+        windows, truths = _as_array(windows), _as_array(truths)
+        if not (np.isfinite(windows).all() and np.isfinite(truths).all()):
+            self.skipped_steps_ += 1
+            return float("nan")
+        ti = self.target_index
+        last = windows[:, -1, ti]
+        changes = np.empty((*truths.shape, len(EXPERTS)))
+        issued = [self.issued_.pop(_digest(window), None) for window in windows]
+        missing = [i for i, change in enumerate(issued) if change is None]
+        if missing:  # never forecast (or forgotten): the experts' forecasts as they are now
+            issued_now = self._changes(windows[missing])
+            for j, i in enumerate(missing):
+                issued[i] = issued_now[j]
+        for i, change in enumerate(issued):
+            changes[i] = change
+        loss = float(((last[:, None, :] + (changes * self.weights_).sum(-1) - truths) ** 2).mean())
+        # The network learns first, with the plain learner's step (and its own non-finite checks).
+        super().learn(windows.astype(np.float32), truths.astype(np.float32))
+        target = truths - last[:, None, :]
+        decay = self.config.mixture_forgetting ** len(windows)
+        self.gram_ = decay * self.gram_ + np.einsum("bhte,bhtf->htef", changes, changes)
+        self.moment_ = decay * self.moment_ + np.einsum("bhte,bht->hte", changes, target)
+        self.weights_ = self._mixture_weights()
+        for window, change in zip(windows, target, strict=True):
+            rel = np.concatenate([(window[:, ti] - window[-1, ti]).T, np.ones((len(ti), 1))], 1)
+            self.channel_.learn(rel, change.T)
+            self.window_.learn(self._window_features(window[None]), change.reshape(1, -1))
+        return loss
+
+    # -- state --------------------------------------------------------------------------------
+
+    def clone(self) -> RLSLearner:
+        """An independent copy: the network, its optimiser, the experts and the mixture."""
+        twin = super().clone()
+        twin.channel_ = copy.deepcopy(self.channel_)
+        twin.window_ = copy.deepcopy(self.window_)
+        for name in ("gram_", "moment_", "weights_"):
+            setattr(twin, name, getattr(self, name).copy())
+        twin.issued_ = collections.OrderedDict((k, v.copy()) for k, v in self.issued_.items())
+        return twin
+
+    def with_network(
+        self, module: torch.nn.Module, config: ModelConfig | None = None
+    ) -> RLSLearner:
+        """A copy whose network expert is ``module`` (an adapter's proposal), with a fresh
+        optimiser from ``config`` (default: this learner's); the linear experts and the
+        mixture are kept, so a proposal is judged as the whole live model it would become.
+
+        >>> config = ModelConfig(type="rls")
+        >>> live = RLSLearner(config, n_inputs=1, lookback=4, horizon=1, target_index=[0])
+        >>> module = copy.deepcopy(live.module_)
+        >>> twin = live.with_network(module)
+        >>> twin.module_ is module and twin.channel_ is not live.channel_
+        True
+
+        """
+        twin = self.clone()
+        if config is not None:
+            # Keep what rebuilds the network from a checkpoint: its genome, or its widths
+            # (a "linear" network is a window MLP without hidden layers).
+            hidden = [] if config.type == "linear" else config.hidden
+            twin.config = config.model_copy(update={"type": "rls", "hidden": hidden})
+        twin.module_ = module.to(self.device)
+        twin.optimizer_ = twin._make_optimizer()
+        twin._has_dropout = twin.config.dropout > 0
+        return twin
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        issued = list(self.issued_.items())
+        state["rls"] = {
+            "channel": self.channel_.state_dict(),
+            "window": self.window_.state_dict(),
+            "gram": torch.from_numpy(self.gram_.copy()),
+            "moment": torch.from_numpy(self.moment_.copy()),
+            "weights": torch.from_numpy(self.weights_.copy()),
+            "issued_keys": [k for k, _ in issued],
+            "issued": torch.from_numpy(np.stack([v for _, v in issued]))
+            if issued
+            else torch.zeros(0),
+        }
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], device: torch.device | str) -> RLSLearner:
+        learner = super().from_state_dict(state, device)
+        rls = state["rls"]
+        learner.channel_.load_state_dict(rls["channel"])
+        learner.window_.load_state_dict(rls["window"])
+        learner.gram_ = rls["gram"].numpy().copy()
+        learner.moment_ = rls["moment"].numpy().copy()
+        learner.weights_ = rls["weights"].numpy().copy()
+        issued = rls["issued"].numpy()
+        learner.issued_ = collections.OrderedDict(
+            (k, issued[i].copy()) for i, k in enumerate(rls["issued_keys"])
+        )
+        return learner
+
+
+def learner_from_state_dict(state: dict[str, Any], device: torch.device | str) -> OnlineLearner:
+    """Rebuild a learner of whichever class wrote ``state`` (``rls`` or the plain one)."""
+    if state["spec"]["config"].get("type") == "rls":
+        return RLSLearner.from_state_dict(state, device)
+    from neuralsync.fast import as_fast
+
+    return as_fast(OnlineLearner.from_state_dict(state, device))
+
+
+def _as_array(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+def _digest(window: np.ndarray) -> str:
+    # float32 bytes: the pipeline hands the same float32 window to predict and to learn.
+    return hashlib.blake2b(window.astype(np.float32).tobytes(), digest_size=12).hexdigest()

@@ -1,0 +1,127 @@
+"""Recursive least squares and the ``rls`` live model (neuralsync.rls)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from neuralsync import OnlineForecaster
+from neuralsync.config import ModelConfig
+from neuralsync.rls import RLS, RLSLearner, learner_from_state_dict
+
+
+def _series(n: int, d: int = 3, seed: int = 0) -> np.ndarray:
+    """Noisy coupled oscillations with a slow drift: learnable, not trivial."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None]
+    phases = rng.uniform(0, 6, d)
+    base = np.sin(t / (6.0 + np.arange(d)) + phases) + 0.002 * t
+    return base + 0.1 * rng.normal(size=(n, d))
+
+
+def _windows(n: int, lookback: int = 12, horizon: int = 2):
+    series = _series(n + lookback + horizon, d=3).astype(np.float32)
+    x = np.stack([series[i : i + lookback] for i in range(n)])
+    y = np.stack([series[i + lookback : i + lookback + horizon] for i in range(n)])
+    return x, y
+
+
+def test_rls_is_exact_discounted_ridge():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(120, 5)), rng.normal(size=(120, 2))
+    alpha, forgetting = 2.0, 0.97
+    rls = RLS(5, 2, alpha, forgetting)
+    for i in range(0, 120, 3):  # blocks of 3 rows, one forgetting step each
+        rls.learn(x[i : i + 3], y[i : i + 3])
+    blocks = np.repeat(np.arange(40), 3)
+    weights = forgetting ** (39 - blocks)
+    gram = (x * weights[:, None]).T @ x + alpha * forgetting**40 * np.eye(5)
+    expected = np.linalg.solve(gram, (x * weights[:, None]).T @ y)
+    np.testing.assert_allclose(rls.W_, expected, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(rls.P_ * rls.scale_, np.linalg.inv(gram), rtol=1e-6, atol=1e-10)
+    with pytest.raises(ValueError, match="forgetting"):
+        RLS(2, 1, forgetting=1.5)
+
+
+# -- the RLS live model ------------------------------------------------------------------------
+
+
+def test_rls_learner_state_round_trip_and_clone():
+    torch.manual_seed(0)
+    x, y = _windows(160)
+    learner = RLSLearner(ModelConfig(type="rls"), 3, 12, 2, [0, 1, 2])
+    for i in range(100):
+        learner.predict(x[i : i + 1])
+        if i >= 2:
+            learner.learn(x[i - 2 : i - 1], y[i - 2 : i - 1])
+    twin = learner_from_state_dict(learner.state_dict(), "cpu")
+    clone = learner.clone()
+    assert isinstance(twin, RLSLearner) and twin.issued_.keys() == learner.issued_.keys()
+    for model in (learner, twin, clone):
+        for i in range(100, 160):
+            model.predict(x[i : i + 1])
+            model.learn(x[i - 2 : i - 1], y[i - 2 : i - 1])
+    for other in (twin, clone):
+        np.testing.assert_array_equal(other.predict(x[:4]), learner.predict(x[:4]))
+        np.testing.assert_array_equal(other.weights_, learner.weights_)
+    assert learner.weights_.shape == (2, 3, 3)
+    errors = learner.squared_errors(torch.from_numpy(x[:4]), torch.from_numpy(y[:4]))
+    expected = ((learner.predict(x[:4]) - y[:4]) ** 2).reshape(4, -1).mean(1)
+    np.testing.assert_allclose(errors.numpy(), expected, rtol=1e-5)
+    assert np.isnan(learner.learn(x[:1] * np.nan, y[:1])) and learner.skipped_steps_ == 1
+
+
+def test_rls_learner_beats_its_network_alone_and_never_looks_ahead():
+    series = _series(1500, d=1)[:, 0]
+
+    def run(values, model_type):
+        model = OnlineForecaster(
+            lookback=16, horizon=2, detector={"type": "none"}, model={"type": model_type}
+        )
+        out = []
+        for value in values:
+            model.learn_one(float(value))
+            out.append(model.forecast())
+        return out, model.metrics()["mse"]
+
+    original, mse_rls = run(series, "rls")
+    _, mse_mlp = run(series, "mlp")
+    assert mse_rls < 0.8 * mse_mlp
+    changed = series.copy()
+    changed[1000:] += 3.0
+    rewritten, _ = run(changed, "rls")
+    before, after = np.array(original, dtype=float), np.array(rewritten, dtype=float)
+    np.testing.assert_array_equal(after[:1000], before[:1000])  # NaN until the first forecast
+    assert not np.array_equal(after[1000:], before[1000:], equal_nan=True)
+
+
+def test_window_expert_ignores_a_level_shift():
+    """Every expert sees the window relative to its last value: a level the train rows never
+    reached (ETTh2's test period) shifts the forecast by that level and changes nothing else."""
+    torch.manual_seed(0)
+    x, y = _windows(200)
+    learner = RLSLearner(ModelConfig(type="rls"), 3, 12, 2, [0, 1, 2])
+    for i in range(150):
+        learner.learn(x[i : i + 1], y[i : i + 1])
+    shifted = learner.predict(x[150:160] + 50.0) - 50.0
+    np.testing.assert_allclose(shifted, learner.predict(x[150:160]), atol=1e-3)
+
+
+def test_with_network_keeps_the_experts_and_survives_a_checkpoint():
+    torch.manual_seed(0)
+    x, y = _windows(120)
+    live = RLSLearner(ModelConfig(type="rls"), 3, 12, 2, [0, 1, 2])
+    for i in range(100):
+        live.learn(x[i : i + 1], y[i : i + 1])
+    # A proposal with another network (here: no hidden layer, as a "linear" genome gives).
+    linear = ModelConfig(type="linear")
+    other = RLSLearner(ModelConfig(type="rls", hidden=[]), 3, 12, 2, [0, 1, 2]).module_
+    proposal = live.with_network(other, linear)
+    assert proposal.config.type == "rls" and proposal.config.hidden == []
+    np.testing.assert_array_equal(proposal.channel_.W_, live.channel_.W_)
+    np.testing.assert_array_equal(proposal.weights_, live.weights_)
+    proposal.learn(x[100:101], y[100:101])  # learning changes the proposal, not the live model
+    assert not np.array_equal(proposal.channel_.W_, live.channel_.W_)
+    twin = learner_from_state_dict(proposal.state_dict(), "cpu")
+    np.testing.assert_array_equal(twin.predict(x[101:105]), proposal.predict(x[101:105]))
