@@ -432,12 +432,20 @@ class MetaAdapter(Adapter):
             self.meta_updates_ += 1
         window_x, window_y = support_x[-c.support_window :], support_y[-c.support_window :]
         adapted = meta.adapt(window_x, window_y)
-        proposal = OnlineLearner(
-            live.config, live.n_inputs, live.lookback, live.horizon, live.target_index, device
-        )
-        with torch.no_grad():
-            for name, param in proposal.module_.named_parameters():
-                param.copy_(adapted[name])
+        if hasattr(live, "with_network"):
+            # A live model with more than its network (rls): only its network is adapted.
+            module = copy.deepcopy(live.module_)
+            with torch.no_grad():
+                for name, param in module.named_parameters():
+                    param.copy_(adapted[name])
+            proposal = live.with_network(module)
+        else:
+            proposal = OnlineLearner(
+                live.config, live.n_inputs, live.lookback, live.horizon, live.target_index, device
+            )
+            with torch.no_grad():
+                for name, param in proposal.module_.named_parameters():
+                    param.copy_(adapted[name])
         before = float(mse_loss(meta.module, meta.init, window_x, window_y))
         after_loss = float(mse_loss(meta.module, adapted, window_x, window_y))
         self.changes_ += 1

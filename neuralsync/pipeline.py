@@ -33,9 +33,10 @@ from neuralsync.errors import ConfigError, DataError, StreamOrderError, suggest
 from neuralsync.events import Event, EventBus, format_stream_time
 from neuralsync.fast import as_fast, live_path, make_learner
 from neuralsync.gates import StabilityGate
-from neuralsync.learner import OnlineLearner, resolve_device
+from neuralsync.learner import resolve_device
 from neuralsync.metrics import ForecastMetrics, match_detections
 from neuralsync.regime import RegimeDetector
+from neuralsync.rls import learner_from_state_dict
 from neuralsync.scaling import OnlineScaler
 
 __all__ = ["Pipeline"]
@@ -864,7 +865,7 @@ class Pipeline:
         self.position_ = int(state["position"])
         self.stream_time_ = state["stream_time"]
         self.time_kind = state["time_kind"]
-        self.learner = as_fast(OnlineLearner.from_state_dict(state["learner"], self.device))
+        self.learner = learner_from_state_dict(state["learner"], self.device)
         self.series = {}
         for key, series_state in state["series"].items():
             series = self.series[key] = _SeriesState(self.scenario, len(self.inputs))
@@ -888,7 +889,7 @@ class Pipeline:
         probation = state.get("probation")
         self._probation = None
         if probation is not None:
-            previous = OnlineLearner.from_state_dict(probation["previous"], self.device)
+            previous = learner_from_state_dict(probation["previous"], self.device)
             self._probation = {**probation, "previous": as_fast(previous)}
         self._rng = {"torch": state["rng"]["torch"].clone()}
 

@@ -125,3 +125,51 @@ def test_with_network_keeps_the_experts_and_survives_a_checkpoint():
     assert not np.array_equal(proposal.channel_.W_, live.channel_.W_)
     twin = learner_from_state_dict(proposal.state_dict(), "cpu")
     np.testing.assert_array_equal(twin.predict(x[101:105]), proposal.predict(x[101:105]))
+
+
+def test_a_pipeline_with_an_rls_model_resumes_bit_identically_with_adaptation_on():
+    """The pipeline rebuilds an ``rls`` live model (and a probation shadow) with its experts:
+    stopped halfway, snapshot, restored, it ends where an uninterrupted run ends."""
+    import copy
+
+    import pandas as pd
+
+    from neuralsync.adaptation import build_adapters
+    from neuralsync.config import Scenario
+    from neuralsync.pipeline import Pipeline
+    from neuralsync.sources import DataFrameSource
+    from neuralsync.state import state_digest
+
+    rng = np.random.default_rng(0)
+    t = np.arange(900, dtype=float)
+    y = np.where(t < 450, np.sin(t / 7.0), 2.0 + np.sin(t / 3.0)) + rng.normal(0, 0.05, 900)
+    frame = pd.DataFrame({"t": t, "y": y})
+    scenario = Scenario(
+        name="rls",
+        timestamp="t",
+        targets="y",
+        lookback=8,
+        model={"type": "rls", "hidden": [8]},
+        detector={"type": "adwin", "params": {"delta": 0.01}},
+        adaptation={
+            "canary_size": 16,
+            "evolution": {"population": 3, "generations": 1, "window": 64, "result_delay": 32},
+        },
+    )
+
+    def feed(pipeline, start=0, stop=None):
+        source = DataFrameSource(frame.iloc[:stop], timestamp="t", columns=["y"], chunk_size=50)
+        source.seek(start)
+        return [p.prediction for batch in source for p in pipeline.process(batch)]
+
+    straight = Pipeline(scenario, adapters=build_adapters(scenario))
+    expected = feed(straight)
+    first = Pipeline(scenario, adapters=build_adapters(scenario))
+    head = feed(first, stop=500)
+    snapshot = copy.deepcopy(first.state_dict())
+    second = Pipeline(scenario, adapters=build_adapters(scenario))
+    second.load_state_dict(snapshot)
+    assert type(second.learner).__name__ == "RLSLearner"
+    tail = feed(second, start=500)
+    assert head + tail == expected
+    assert state_digest(second.state_dict()) == state_digest(straight.state_dict())

@@ -134,7 +134,9 @@ def _detached(state: dict[str, Any]) -> dict[str, Any]:
 
 def _run(engine: EvolutionEngine, job: dict[str, Any]) -> Proposal:
     """One search, in the worker thread: everything it touches is its own."""
-    live = OnlineLearner.from_state_dict(job["live"], torch.device(job["device"]))
+    from neuralsync.rls import learner_from_state_dict
+
+    live = learner_from_state_dict(job["live"], torch.device(job["device"]))
     result = engine.search(live, job["x"], job["y"], position=int(job["position"]))
     learner = engine.learner_for(result.best, live)
     if result.best.final is None:

@@ -475,6 +475,8 @@ class EvolutionEngine:
         )
         network = candidate.final if candidate.final is not None else candidate.module
         learner.module_.load_state_dict(network.state_dict())
+        if hasattr(live, "with_network"):  # a live model with more than its network (rls)
+            return live.with_network(learner.module_, config)
         return learner
 
     def clone(self) -> EvolutionEngine:

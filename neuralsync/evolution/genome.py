@@ -501,11 +501,11 @@ class Genome:
             "batch_size": config.batch_size,
             "optimizer": config.optimizer,
         }
-        if config.type == "genome":
+        if config.type == "genome" or (config.type == "rls" and config.genome is not None):
             if config.genome is None:
                 raise ValueError("model type 'genome' needs the 'genome' setting")
             return replace(cls.from_dict(config.genome), **optim)
-        hidden = config.hidden if config.type == "mlp" else []
+        hidden = config.hidden if config.type in ("mlp", "rls") else []
         blocks = tuple(Block("mlp", w, config.activation, config.dropout) for w in hidden)
         return cls(blocks=blocks, subtract_last=config.subtract_last, **optim)
 
