@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from neuralsync.config import ModelConfig
-from neuralsync.models import build_module
+from neuralsync.models import build_module, build_uninitialised
 
 __all__ = ["OnlineLearner", "resolve_device"]
 
@@ -86,15 +86,11 @@ class OnlineLearner:
             self.module_ = build_module(config, n_inputs, lookback, horizon, self.target_index)
             self.module_ = self.module_.to(self.device)
         else:
-            # Weights to be loaded next: built on the meta device, so that nothing is drawn
-            # from torch's global generator (a background search must not touch it).
-            with torch.device("meta"):
-                module = build_module(config, n_inputs, lookback, horizon, self.target_index)
-            self.module_ = module.to_empty(device=self.device)
-            if hasattr(self.module_, "target_index"):  # a buffer, not a weight: set it now
-                self.module_.target_index = torch.as_tensor(
-                    self.target_index, dtype=torch.long, device=self.device
-                )
+            self.module_ = build_uninitialised(
+                lambda: build_module(config, n_inputs, lookback, horizon, self.target_index),
+                self.target_index,
+                self.device,
+            )
         self.optimizer_ = self._make_optimizer()
         self.steps_ = 0
         self.skipped_steps_ = 0

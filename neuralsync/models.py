@@ -5,14 +5,14 @@ Every network maps ``(batch, lookback, inputs)`` to ``(batch, horizon, targets)`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from neuralsync.config import ModelConfig
 
-__all__ = ["WindowMLP", "build_module"]
+__all__ = ["WindowMLP", "build_module", "build_uninitialised"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -115,3 +115,24 @@ def build_module(
         dropout=config.dropout,
         subtract_last=config.subtract_last,
     )
+
+
+def build_uninitialised(
+    make: Callable[[], nn.Module], target_index: Sequence[int], device: torch.device | str = "cpu"
+) -> nn.Module:
+    """``make()``'s network with its weights allocated but not drawn: built on the meta
+    device, so torch's global generator is untouched (a background search must not move it),
+    for a caller that loads or draws the weights next. The ``target_index`` buffer, not a
+    weight, is set here.
+
+    >>> net = build_uninitialised(lambda: WindowMLP(2, 4, 1, [1], hidden=[3]), [1])
+    >>> net.target_index.tolist(), net.net[0].weight.shape
+    ([1], torch.Size([3, 8]))
+
+    """
+    with torch.device("meta"):
+        module = make()
+    module = module.to_empty(device=device)
+    if hasattr(module, "target_index"):
+        module.target_index = torch.as_tensor(list(target_index), dtype=torch.long, device=device)
+    return module

@@ -74,6 +74,8 @@ def run_variant(scenario: Scenario, settings: dict[str, Any], rows: int | None) 
         "swaps": sum(e["type"] == "swap" and e["source"] == "evolution" for e in events),
         "rolled_back": sum(e["type"] == "rollback" and e["source"] == "evolution" for e in events),
         "seconds": seconds,
+        "rows": metrics["rows_this_run"],
+        "events_per_second": metrics["events_per_second"],
     }
 
 

@@ -142,35 +142,25 @@ def measure_training(
 def measure_replay(rows: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Replay the default scenario (its first ``rows`` rows) with evolution on, then off:
     events/s, MSE, searches and evolution swaps of each."""
-    import json
-    import tempfile
-    from pathlib import Path
-
+    from neuralsync.bench.evolution import run_variant
     from neuralsync.config import load_scenario
-    from neuralsync.replay import replay
     from neuralsync.scenarios import bundled_dir
 
+    scenario = load_scenario(bundled_dir() / "default.yaml")
     runs: dict[str, dict[str, Any]] = {}
     for label, enabled in (("on", True), ("off", False)):
-        scenario = load_scenario(bundled_dir() / "default.yaml")
-        scenario.adaptation.evolution.enabled = enabled
-        with tempfile.TemporaryDirectory() as folder:
-            started = time.perf_counter()
-            metrics = replay(scenario, Path(folder), limit=rows, report=False)
-            seconds = time.perf_counter() - started
-            events = (Path(folder) / "events.jsonl").read_text(encoding="utf-8").splitlines()
-        swaps = [e for e in map(json.loads, events) if e["type"] == "swap"]
+        run = run_variant(scenario, {"enabled": enabled}, rows)
         runs[label] = {
-            "rows": metrics["rows_this_run"],
-            "seconds": seconds,
-            "events_per_second": metrics["events_per_second"],
-            "mse": metrics["mse"],
-            "searches": metrics.get("evolution", {}).get("searches", 0),
-            "evolution_swaps": sum(s["source"] == "evolution" for s in swaps),
+            "rows": run["rows"],
+            "seconds": run["seconds"],
+            "events_per_second": run["events_per_second"],
+            "mse": run["mse"],
+            "searches": run["searches"],
+            "evolution_swaps": run["swaps"],
         }
         log(
-            f"  replay default, evolution {label}: {runs[label]['events_per_second']:.0f} "
-            f"events/s, MSE {runs[label]['mse']:.4f}, {runs[label]['searches']} searches"
+            f"  replay default, evolution {label}: {run['events_per_second']:.0f} "
+            f"events/s, MSE {run['mse']:.4f}, {run['searches']} searches"
         )
     on, off = runs["on"]["events_per_second"], runs["off"]["events_per_second"]
     return {"scenario": "default", "rows_limit": rows, **runs, "on_over_off": on / off}

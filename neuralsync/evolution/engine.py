@@ -196,7 +196,7 @@ class EvolutionEngine:
 
         result_history: list[dict[str, Any]] = []
         evaluations: list[dict[str, Any]] = []
-        features = regime_features(data[1].numpy(), np.zeros(1))  # completed below
+        features = np.empty(0)  # the regime's features, once generation 0 has a yardstick
         best_so_far = math.inf
         incumbent_fitness = math.nan
         self._prefiltered_now = 0
@@ -421,8 +421,9 @@ class EvolutionEngine:
             if self.config.fitness == "prequential":
                 n = len(x_fit)
                 own = self.config.online_genes
-                live = PopulationTrainer([copy.deepcopy(m) for m in trainer.modules()])
-                losses = live.train(
+                # Copies: ``module`` stays as within-life training left it, for the children.
+                tested = PopulationTrainer([copy.deepcopy(m) for m in trainer.modules()])
+                losses = tested.train(
                     x_fit,
                     y_fit,
                     steps=n,
@@ -436,7 +437,7 @@ class EvolutionEngine:
                     grad_clip=clip if own else online.grad_clip,
                     generator=generator,
                 )
-                for candidate, final in zip(members, live.modules(), strict=True):
+                for candidate, final in zip(members, tested.modules(), strict=True):
                     candidate.final = final
                 samples += n * len(members)
             else:

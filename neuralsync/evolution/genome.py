@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from neuralsync.config import ModelConfig
-from neuralsync.models import _ACTIVATIONS, WindowMLP
+from neuralsync.models import _ACTIVATIONS, WindowMLP, build_uninitialised
 
 __all__ = [
     "ACTIVATIONS",
@@ -556,10 +556,7 @@ class Genome:
 
         if generator is None:
             return make()
-        with torch.device("meta"):
-            module = make()
-        module = module.to_empty(device="cpu")
-        module.target_index = torch.as_tensor(target_index, dtype=torch.long)
+        module = build_uninitialised(make, target_index)
         _init_from(module, generator, zero_head=self.subtract_last)
         return module
 
