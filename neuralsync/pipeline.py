@@ -559,16 +559,12 @@ class Pipeline:
             )
             return
         samples = list(self._recent)
-        support_size = self.scenario.adaptation.support_size
-        support = samples[-canary_size - support_size : -canary_size]
-        canary = samples[-canary_size:]
-        support_x = torch.from_numpy(np.stack([s[0] for s in support]))
-        support_y = torch.from_numpy(np.stack([s[1] for s in support]))
-        canary_x = torch.from_numpy(np.stack([s[0] for s in canary]))
-        canary_y = torch.from_numpy(np.stack([s[1] for s in canary]))
-        live_errors = torch.tensor([s[2] for s in canary])
         everything_x = torch.from_numpy(np.stack([s[0] for s in samples]))
         everything_y = torch.from_numpy(np.stack([s[1] for s in samples]))
+        support = slice(-canary_size - self.scenario.adaptation.support_size, -canary_size)
+        support_x, support_y = everything_x[support], everything_y[support]
+        canary_x, canary_y = everything_x[-canary_size:], everything_y[-canary_size:]
+        live_errors = torch.tensor([s[2] for s in samples[-canary_size:]])
         for adapter in adapters:
             if any(entry[2] == adapter.name for entry in self._deferred):
                 self._emit(
