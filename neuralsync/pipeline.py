@@ -167,7 +167,7 @@ class Pipeline:
         self.label_delay = scenario.effective_label_delay
         if scenario.num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(scenario.num_threads)
-        self._rng = _seeded_rng_states(scenario.seed)
+        self._rng = _seeded_rng_states(scenario.seed, self.device)
         with self._own_rng():
             self.learner = make_learner(
                 scenario.model,
@@ -228,17 +228,18 @@ class Pipeline:
         Weight initialisation, dropout and adapters draw from torch's process-wide generator;
         swapping this pipeline's state in and out around its work keeps two pipelines in one
         process (two backtests side by side) from disturbing each other, and keeps the caller's
-        generator where it was. Only torch's: nothing here draws from NumPy's or Python's
+        generator where it was. On a CUDA device the device's generator is swapped too, since
+        dropout draws there. Only torch's: nothing here draws from NumPy's or Python's
         global generators (an adapter that needs randomness takes it from torch, or keeps a
         seeded generator of its own in its state), and swapping those cost about 90 µs a call.
         """
-        outside = _rng_states()
-        _set_rng_states(self._rng)
+        outside = _rng_states(self.device)
+        _set_rng_states(self._rng, self.device)
         try:
             yield
         finally:
-            self._rng = _rng_states()
-            _set_rng_states(outside)
+            self._rng = _rng_states(self.device)
+            _set_rng_states(outside, self.device)
 
     def set_change_points(
         self, timestamps: Sequence[Any], keys: Sequence[str | None] | None = None
@@ -852,9 +853,7 @@ class Pipeline:
                 **self._probation,
                 "previous": self._probation["previous"].state_dict(),
             },
-            "rng": {
-                "torch": self._rng["torch"].clone(),
-            },
+            "rng": {name: state.clone() for name, state in self._rng.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -887,17 +886,29 @@ class Pipeline:
         if probation is not None:
             previous = learner_from_state_dict(probation["previous"], self.device)
             self._probation = {**probation, "previous": as_fast(previous)}
-        self._rng = {"torch": state["rng"]["torch"].clone()}
+        self._rng = {name: saved.clone() for name, saved in state["rng"].items()}
+        if self.device.type == "cuda" and "cuda" not in self._rng:
+            # A snapshot taken on the CPU carries no CUDA generator: seed one, as a new run would.
+            self._rng["cuda"] = _seeded_rng_states(self.scenario.seed, self.device)["cuda"]
 
 
-def _rng_states() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state()}
+def _rng_states(device: torch.device) -> dict[str, Any]:
+    """torch's CPU generator state and, on a CUDA device, that device's (dropout draws there)."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
 
 
-def _set_rng_states(states: dict[str, Any]) -> None:
+def _set_rng_states(states: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(states["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _seeded_rng_states(seed: int) -> dict[str, Any]:
-    """torch's generator state for ``seed``, without touching the process's generators."""
-    return {"torch": torch.Generator().manual_seed(seed).get_state()}
+def _seeded_rng_states(seed: int, device: torch.device) -> dict[str, Any]:
+    """The generator states for ``seed``, without touching the process's generators."""
+    states = {"torch": torch.Generator().manual_seed(seed).get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.Generator(device).manual_seed(seed).get_state()
+    return states

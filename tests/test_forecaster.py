@@ -215,7 +215,11 @@ def _replay(tmp_path: Path, name: str, rows: int) -> tuple[pd.DataFrame, dict]:
         ["replay", name, "--out", str(out), "--limit", str(rows), "--no-report", "--no-progress"],
     )
     assert result.exit_code == 0, result.output
-    predictions = pd.read_csv(out / "predictions.csv", keep_default_na=False)
+    # round_trip: pandas' default float parser may miss the last bit of a 17-digit number
+    # (seen with the pandas of a CUDA machine), and this comparison is bit for bit.
+    predictions = pd.read_csv(
+        out / "predictions.csv", keep_default_na=False, float_precision="round_trip"
+    )
     snapshot = load_snapshot(out / "checkpoints" / f"state-{rows:012d}.pt")
     return predictions, snapshot["pipeline"]
 

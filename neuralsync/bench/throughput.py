@@ -212,7 +212,8 @@ def run_throughput(
     """All the throughput figures, logging each as it is measured; returns them as a dict."""
     n_events = 3_000 if quick else 30_000
     ticks = 20 if quick else 200
-    key_counts = [1_000, 10_000]
+    # A GPU pays off only with many keys per launch: the full run goes to 100,000.
+    key_counts = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     log(f"one series, 8 → {HIDDEN} → 1 MLP, forecast + SGD step per event, {n_events} events")
     single = single_series_throughput(n_events)
@@ -240,6 +241,18 @@ def run_throughput(
                 f"{fleet['overhead_bytes_per_key']:.0f} B; RSS growth "
                 f"{fleet['rss_growth_per_key_bytes']:.0f} B"
             )
+    fleet_ratios = {}
+    if "cpu" in devices:
+        for device in (d for d in devices if d != "cpu"):
+            for n_keys in key_counts:
+                rate = {
+                    f["device"]: f["key_events_per_second"]
+                    for f in fleets
+                    if f["keys"] == n_keys and f["device"] in ("cpu", device)
+                }
+                ratio = rate[device] / rate["cpu"]
+                fleet_ratios[f"{device}_over_cpu_{n_keys}_keys"] = ratio
+                log(f"  {device} over cpu, {n_keys:,} keys: {ratio:.1f}x")
     limit = 1_500 if quick else None
     log(f"end to end: replay of the default scenario ({limit or 'all'} rows)")
     replay_rates = {"fast": _replay_rate(True, limit), "reference": _replay_rate(False, limit)}
@@ -251,6 +264,7 @@ def run_throughput(
         "single_series_events_per_second": single,
         "ratios": ratios,
         "many_series": fleets,
+        "many_series_ratios": fleet_ratios,
         "replay_default_rows_per_second": {
             **replay_rates,
             "fast_over_reference": replay_rates["fast"] / replay_rates["reference"],
