@@ -66,8 +66,14 @@ class ModelConfig(_Strict):
     rls_alpha: Annotated[float, Field(gt=0.0)] = 1.0
     #: With ``type: rls``: the linear experts' forgetting factor (1 never forgets).
     rls_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] = 0.999
-    #: With ``type: rls``: forgetting factor of the statistics that weight the experts.
+    #: With ``type: rls``: forgetting factor, per step of the horizon, of the statistics that
+    #: weight the experts (and of the records ``rls_selection: leader`` compares): at horizon
+    #: H they forget H times slower, since neighbouring windows' targets overlap.
     mixture_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] = 0.999
+    #: With ``type: rls``: ``mixture`` forecasts with the mixture of the experts; ``leader``, per
+    #: step and target, with whichever of the mixture, each expert alone and the last value has
+    #: the lowest discounted out-of-sample squared error so far.
+    rls_selection: Literal["mixture", "leader"] = "mixture"
 
 
 class DetectorConfig(_Strict):

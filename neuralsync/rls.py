@@ -11,11 +11,20 @@ observed value (NLinear's "subtract last"):
   its last value) to every target's horizon, kept by RLS;
 - ``network``: the scenario's window MLP, learned by SGD as the plain learner learns it.
 
-The forecast is ``last + sum_e w[h, t, e] * change_e[h, t]``: for every step ``h`` and target
+The mixture is ``last + sum_e w[h, t, e] * change_e[h, t]``: for every step ``h`` and target
 ``t`` a weight per expert, the least-squares combination of the experts' past forecasts (each
 taken when it was issued, so out of sample), discounted by ``mixture_forgetting`` and shrunk
-towards equal weights. A weight may fall to zero: the last-value forecast is the mixture of no
-expert.
+towards equal weights.
+
+A least-squares mixture of few, correlated experts is noisy where its samples are few: at long
+horizons the truth arrives ``horizon`` steps late and neighbouring windows' targets overlap, and
+there the mixture can end worse than its best expert, or than the last value. So the mixture
+remembers ``horizon`` times longer than ``mixture_forgetting`` says (neighbouring windows'
+targets overlap, so each sample carries about ``1 / horizon`` of the news). With
+``rls_selection: leader`` the forecast is, per step and target, that of the leader among the
+candidates — the mixture, each expert alone, the last value — by their discounted out-of-sample
+squared errors; the default, ``mixture``, always forecasts with the mixture (docs/benchmarks.md
+has the measurements behind that default).
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ __all__ = ["RLS", "RLSLearner", "learner_from_state_dict"]
 
 #: Experts in the order of the mixture's weights.
 EXPERTS = ("channel", "window", "network")
+#: What the forecast is selected from, per step and target, in the order of ``track_``.
+CANDIDATES = ("mixture", *EXPERTS, "last_value")
 #: Shrinkage of the mixture weights towards equal weights, in units of one sample's squared
 #: forecast change: weak, it only steadies the weights before enough forecasts were scored.
 _MIX_PRIOR = 1.0
@@ -194,6 +205,13 @@ class RLSLearner(OnlineLearner):
         self.gram_ = np.zeros((horizon, n_targets, n_experts, n_experts))
         self.moment_ = np.zeros((horizon, n_targets, n_experts))
         self.weights_ = np.broadcast_to(self.prior_, self.moment_.shape).copy()
+        # Discounted out-of-sample squared error of each candidate, per step and target; all
+        # equal at the start, where the leader is the mixture (the first candidate).
+        self.track_ = np.zeros((horizon, n_targets, len(CANDIDATES)))
+        # Neighbouring windows' targets overlap on horizon - 1 of their steps: a sample says
+        # about 1 / horizon as much as at horizon 1. The mixture's statistics remember horizon
+        # times longer, for as many independent samples per weight at every horizon.
+        self._mixture_decay = 1.0 - (1.0 - config.mixture_forgetting) / horizon
         # Expert forecasts by window digest, kept until their truth arrives: the mixture learns
         # from forecasts made before the experts saw the truth (out of sample). Bounded: a
         # forecast learned much later than its horizon is recomputed instead.
@@ -236,14 +254,26 @@ class RLSLearner(OnlineLearner):
             self.gram_ + eye, (self.moment_ + _MIX_PRIOR * self.prior_)[..., None]
         )[..., 0]
 
+    def _candidates(self, windows: np.ndarray) -> np.ndarray:
+        """Each candidate's forecast change: ``(batch, horizon, targets, len(CANDIDATES))``."""
+        changes = self._changes(windows)
+        mixture = (changes * self.weights_).sum(-1, keepdims=True)
+        return np.concatenate([mixture, changes, np.zeros_like(mixture)], axis=-1)
+
+    def _select(self, candidates: np.ndarray) -> np.ndarray:
+        if self.config.rls_selection == "mixture":
+            return candidates[..., 0]
+        leader = self.track_.argmin(-1)  # ties go to the first: the mixture
+        return np.take_along_axis(candidates, leader[None, ..., None], axis=-1)[..., 0]
+
     def _forecast(self, windows: np.ndarray, remember: bool) -> np.ndarray:
         windows = _as_array(windows)
-        changes = self._changes(windows)
+        candidates = self._candidates(windows)
         if remember:
-            for window, change in zip(windows, changes, strict=True):
-                self._remember(_digest(window), change)
+            for window, candidate in zip(windows, candidates, strict=True):
+                self._remember(_digest(window), candidate)
         last = windows[:, -1, self.target_index]
-        return last[:, None, :] + (changes * self.weights_).sum(-1)
+        return last[:, None, :] + self._select(candidates)
 
     def _remember(self, key: str, change: np.ndarray) -> None:
         self.issued_[key] = change
@@ -264,9 +294,10 @@ class RLSLearner(OnlineLearner):
     # -- learning -----------------------------------------------------------------------------
 
     def learn(self, windows: np.ndarray | torch.Tensor, truths: np.ndarray | torch.Tensor) -> float:
-        """Learn a batch: the mixture from the experts' forecasts, each expert from the truth.
+        """Learn a batch: the track records and the mixture from the forecasts as they were
+        issued, each expert from the truth.
 
-        Returns the mixture's loss before the step. A batch that is not finite is skipped and
+        Returns the forecast's loss before the step. A batch that is not finite is skipped and
         counted in ``skipped_steps_``, as for the plain learner.
         """
         windows, truths = _as_array(windows), _as_array(truths)
@@ -275,20 +306,23 @@ class RLSLearner(OnlineLearner):
             return float("nan")
         ti = self.target_index
         last = windows[:, -1, ti]
-        changes = np.empty((*truths.shape, len(EXPERTS)))
+        candidates = np.empty((*truths.shape, len(CANDIDATES)))
         issued = [self.issued_.pop(_digest(window), None) for window in windows]
-        missing = [i for i, change in enumerate(issued) if change is None]
-        if missing:  # never forecast (or forgotten): the experts' forecasts as they are now
-            issued_now = self._changes(windows[missing])
+        missing = [i for i, candidate in enumerate(issued) if candidate is None]
+        if missing:  # never forecast (or forgotten): the candidates as they are now
+            issued_now = self._candidates(windows[missing])
             for j, i in enumerate(missing):
                 issued[i] = issued_now[j]
-        for i, change in enumerate(issued):
-            changes[i] = change
-        loss = float(((last[:, None, :] + (changes * self.weights_).sum(-1) - truths) ** 2).mean())
+        for i, candidate in enumerate(issued):
+            candidates[i] = candidate
+        loss = float(((last[:, None, :] + self._select(candidates) - truths) ** 2).mean())
         # The network learns first, with the plain learner's step (and its own non-finite checks).
         super().learn(windows.astype(np.float32), truths.astype(np.float32))
         target = truths - last[:, None, :]
-        decay = self.config.mixture_forgetting ** len(windows)
+        decay = self._mixture_decay ** len(windows)
+        errors = ((candidates - target[..., None]) ** 2).sum(0)
+        self.track_ = decay * self.track_ + errors
+        changes = candidates[..., 1 : 1 + len(EXPERTS)]
         self.gram_ = decay * self.gram_ + np.einsum("bhte,bhtf->htef", changes, changes)
         self.moment_ = decay * self.moment_ + np.einsum("bhte,bht->hte", changes, target)
         self.weights_ = self._mixture_weights()
@@ -305,7 +339,7 @@ class RLSLearner(OnlineLearner):
         twin = super().clone()
         twin.channel_ = copy.deepcopy(self.channel_)
         twin.window_ = copy.deepcopy(self.window_)
-        for name in ("gram_", "moment_", "weights_"):
+        for name in ("gram_", "moment_", "weights_", "track_"):
             setattr(twin, name, getattr(self, name).copy())
         twin.issued_ = collections.OrderedDict((k, v.copy()) for k, v in self.issued_.items())
         return twin
@@ -345,6 +379,7 @@ class RLSLearner(OnlineLearner):
             "gram": torch.from_numpy(self.gram_.copy()),
             "moment": torch.from_numpy(self.moment_.copy()),
             "weights": torch.from_numpy(self.weights_.copy()),
+            "track": torch.from_numpy(self.track_.copy()),
             "issued_keys": [k for k, _ in issued],
             "issued": torch.from_numpy(np.stack([v for _, v in issued]))
             if issued
@@ -362,9 +397,13 @@ class RLSLearner(OnlineLearner):
         learner.moment_ = rls["moment"].numpy().copy()
         learner.weights_ = rls["weights"].numpy().copy()
         issued = rls["issued"].numpy()
-        learner.issued_ = collections.OrderedDict(
-            (k, issued[i].copy()) for i, k in enumerate(rls["issued_keys"])
-        )
+        if "track" in rls:
+            learner.track_ = rls["track"].numpy().copy()
+            learner.issued_ = collections.OrderedDict(
+                (k, issued[i].copy()) for i, k in enumerate(rls["issued_keys"])
+            )
+        # A checkpoint from before the selection (no track records, forecasts of the experts
+        # only) starts with equal records and recomputes the pending forecasts when learned.
         return learner
 
 

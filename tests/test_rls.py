@@ -8,7 +8,7 @@ import torch
 
 from neuralsync import OnlineForecaster
 from neuralsync.config import ModelConfig
-from neuralsync.rls import RLS, RLSLearner, learner_from_state_dict
+from neuralsync.rls import CANDIDATES, RLS, RLSLearner, learner_from_state_dict
 
 
 def _series(n: int, d: int = 3, seed: int = 0) -> np.ndarray:
@@ -173,3 +173,51 @@ def test_a_pipeline_with_an_rls_model_resumes_bit_identically_with_adaptation_on
     tail = feed(second, start=500)
     assert head + tail == expected
     assert state_digest(second.state_dict()) == state_digest(straight.state_dict())
+
+
+def test_track_records_score_each_candidate_as_it_was_issued():
+    """With no forgetting, the last value's record is the plain sum of its squared errors, and
+    the mixture's the sum of the losses `learn` reported while the mixture forecast."""
+    torch.manual_seed(0)
+    x, y = _windows(120)
+    config = ModelConfig(type="rls", mixture_forgetting=1.0, rls_selection="mixture")
+    learner = RLSLearner(config, 3, 12, 2, [0, 1, 2])
+    losses = []
+    for i in range(120):
+        learner.predict(x[i : i + 1])
+        if i >= 2:  # learned two steps late, as a horizon of 2 is
+            losses.append(learner.learn(x[i - 2 : i - 1], y[i - 2 : i - 1]))
+    last = x[:118, -1:, :].astype(np.float64)
+    last_value_errors = ((y[:118] - last) ** 2).sum(0)
+    np.testing.assert_allclose(learner.track_[..., -1], last_value_errors, rtol=1e-6)
+    np.testing.assert_allclose(learner.track_[..., 0].sum(), sum(losses) * 2 * 3, rtol=1e-9)
+
+
+def test_the_leader_falls_back_to_the_last_value_on_a_random_walk():
+    """On a random walk nothing beats the last value; the mixture of noisy experts does worse,
+    and the leader selection learns to forecast the last value."""
+    rng = np.random.default_rng(1)
+    walk = np.cumsum(rng.normal(size=(1400, 2)), axis=0).astype(np.float32)
+    lookback, horizon = 8, 4
+    x = np.stack([walk[i : i + lookback] for i in range(1400 - lookback - horizon)])
+    y = np.stack([walk[i + lookback : i + lookback + horizon] for i in range(len(x))])
+    scores = {}
+    for selection in ("mixture", "leader"):
+        torch.manual_seed(0)
+        config = ModelConfig(type="rls", rls_selection=selection, lr=0.05)
+        learner = RLSLearner(config, 2, lookback, horizon, [0, 1])
+        errors = []
+        for i in range(len(x)):
+            forecast = learner.predict(x[i : i + 1])
+            if i >= 600:
+                errors.append(float(((forecast - y[i : i + 1]) ** 2).mean()))
+            if i >= horizon:
+                learner.learn(x[i - horizon : i - horizon + 1], y[i - horizon : i - horizon + 1])
+        scores[selection] = np.mean(errors)
+        if selection == "leader":
+            leaders = learner.track_.argmin(-1)
+    last_value = float(((y[600:] - x[600:, -1:, :]) ** 2).mean())
+    assert scores["mixture"] > last_value  # the case the selection is for
+    assert scores["leader"] < scores["mixture"]
+    assert scores["leader"] < 1.02 * last_value
+    assert (leaders == CANDIDATES.index("last_value")).mean() >= 0.5
