@@ -254,8 +254,10 @@ class RLSLearner(OnlineLearner):
             self.gram_ + eye, (self.moment_ + _MIX_PRIOR * self.prior_)[..., None]
         )[..., 0]
 
-    def _candidates(self, windows: np.ndarray) -> np.ndarray:
-        """Each candidate's forecast change: ``(batch, horizon, targets, len(CANDIDATES))``."""
+    def candidates(self, windows: np.ndarray) -> np.ndarray:
+        """Each candidate's forecast of the change from the last value, for ``(batch,
+        lookback, inputs)`` windows: ``(batch, horizon, targets, len(CANDIDATES))``. Nothing is
+        remembered (``predict`` is what issues a forecast)."""
         changes = self._changes(windows)
         mixture = (changes * self.weights_).sum(-1, keepdims=True)
         return np.concatenate([mixture, changes, np.zeros_like(mixture)], axis=-1)
@@ -268,7 +270,7 @@ class RLSLearner(OnlineLearner):
 
     def _forecast(self, windows: np.ndarray, remember: bool) -> np.ndarray:
         windows = _as_array(windows)
-        candidates = self._candidates(windows)
+        candidates = self.candidates(windows)
         if remember:
             for window, candidate in zip(windows, candidates, strict=True):
                 self._remember(_digest(window), candidate)
@@ -310,7 +312,7 @@ class RLSLearner(OnlineLearner):
         issued = [self.issued_.pop(_digest(window), None) for window in windows]
         missing = [i for i, candidate in enumerate(issued) if candidate is None]
         if missing:  # never forecast (or forgotten): the candidates as they are now
-            issued_now = self._candidates(windows[missing])
+            issued_now = self.candidates(windows[missing])
             for j, i in enumerate(missing):
                 issued[i] = issued_now[j]
         for i, candidate in enumerate(issued):

@@ -19,6 +19,7 @@ from neuralsync.bench.online import (
     format_table,
     load_dataset,
     plot_grid,
+    rls_components,
     run_online,
 )
 from neuralsync.bench.online_baselines import ChannelRLS, LastValue, WindowRLS
@@ -220,3 +221,19 @@ def test_command_line(tmp_path):
     assert (tmp_path / "results.json").is_file()
     bad = CliRunner().invoke(app, ["bench", "online", "--data", str(path), "--target", "zz"])
     assert bad.exit_code == 2 and "target column 'zz' not found" in bad.output
+
+
+def test_rls_components_score_every_candidate_on_validation_and_test(tmp_path):
+    path, _ = _csv(tmp_path, 1000)
+    data = load_dataset(path)
+    figures = rls_components(data, 2)
+    assert set(figures) == {"valid", "test"}
+    for split, scores in figures.items():
+        x, y = data.windows(split, 2)
+        last_value = float(((y - x[:, -1:, :]) ** 2).mean())
+        assert scores["last_value"] == pytest.approx(last_value, rel=1e-6)
+        # The default forecast is the mixture (float32 on the way out).
+        assert scores["forecast"] == pytest.approx(scores["mixture"], rel=1e-5)
+        assert scores["channel"] < last_value  # the toy series is learnable
+    leader = rls_components(data, 2, rls_selection="leader")
+    assert leader["test"]["channel"] == figures["test"]["channel"]  # the experts are the same

@@ -51,6 +51,7 @@ __all__ = [
     "grid_table",
     "load_dataset",
     "plot_grid",
+    "rls_components",
     "run_online",
 ]
 
@@ -328,6 +329,75 @@ def _pipeline_method(
         "valid_mse": {f"lr={k}": v for k, v in scores.items()},
         "swaps": run["swaps"],
         "regime_changes": run["regime_changes"],
+    }
+
+
+def rls_components(
+    data: str | Path | Dataset,
+    horizon: int,
+    *,
+    target: str | None = None,
+    rows: int | None = None,
+    lr: float = 0.01,
+    seed: int = 0,
+    **model: Any,
+) -> dict[str, dict[str, float]]:
+    """Validation and test MSE of the ``rls`` live model's forecast and of every candidate it
+    is made of (the mixture, each expert alone, the last value), under the delayed protocol.
+
+    The learner is driven directly, without the pipeline (no detector, no adaptation): every
+    row from the first is a window it forecasts, and it learns each window once its horizon
+    is observed. ``model`` overrides :data:`NEURALSYNC_MODEL` (e.g. ``rls_selection="leader"``);
+    ``lr`` is the network's. This is how the live model's settings are compared on the
+    validation rows (docs/benchmarks.md): the figures of one candidate say where the mixture
+    gains on its experts or loses to them.
+
+    Returns ``{"valid": {...}, "test": {...}}``, each ``{"forecast": mse, "mixture": mse, ...}``.
+    """
+    import torch
+
+    from neuralsync.config import ModelConfig
+    from neuralsync.rls import CANDIDATES, RLSLearner
+
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, target, rows)
+    values = dataset.values.astype(np.float32)
+    n_columns = values.shape[1]
+    config = ModelConfig.model_validate({**NEURALSYNC_MODEL, "lr": lr, **model})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        learner = RLSLearner(config, n_columns, LOOKBACK, horizon, list(range(n_columns)))
+    spans = {split: dataset.rows(split) for split in ("valid", "test")}
+    sums = {split: np.zeros(len(CANDIDATES) + 1) for split in spans}
+    counts = dict.fromkeys(spans, 0)
+    for origin in range(LOOKBACK - 1, len(values) - horizon):
+        window = values[origin - LOOKBACK + 1 : origin + 1][None]
+        scored = [
+            split
+            for split, (start, stop) in spans.items()
+            if start + LOOKBACK - 1 <= origin < stop - horizon
+        ]
+        if scored:
+            candidates = learner.candidates(window.astype(np.float64))[0]
+        forecast = learner.predict(window)[0]
+        learned = origin - horizon
+        if learned >= LOOKBACK - 1:
+            learner.learn(
+                values[learned - LOOKBACK + 1 : learned + 1][None],
+                values[learned + 1 : learned + 1 + horizon][None],
+            )
+        for split in scored:
+            truth = values[origin + 1 : origin + 1 + horizon]
+            each = window[0, -1][None, :, None] + candidates - truth[..., None]
+            sums[split][:-1] += (each**2).mean((0, 1))
+            sums[split][-1] += float(((forecast - truth) ** 2).mean())
+            counts[split] += 1
+    names = [*CANDIDATES, "forecast"]
+    return {
+        split: {
+            name: float(total / counts[split])
+            for name, total in zip(names, sums[split], strict=True)
+        }
+        for split in spans
     }
 
 
