@@ -268,14 +268,20 @@ class RLSLearner(OnlineLearner):
         leader = self.track_.argmin(-1)  # ties go to the first: the mixture
         return np.take_along_axis(candidates, leader[None, ..., None], axis=-1)[..., 0]
 
-    def _forecast(self, windows: np.ndarray, remember: bool) -> np.ndarray:
+    def _forecast(self, windows: np.ndarray, remember: bool) -> tuple[np.ndarray, np.ndarray]:
         windows = _as_array(windows)
         candidates = self.candidates(windows)
         if remember:
             for window, candidate in zip(windows, candidates, strict=True):
                 self._remember(_digest(window), candidate)
         last = windows[:, -1, self.target_index]
-        return last[:, None, :] + self._select(candidates)
+        return last[:, None, :] + self._select(candidates), candidates
+
+    def issue(self, windows: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """``predict``, also returning the candidates the forecast was selected from (the
+        changes :meth:`candidates` gives), from the same pass."""
+        forecast, candidates = self._forecast(windows, remember=True)
+        return forecast.astype(np.float32), candidates
 
     def _remember(self, key: str, change: np.ndarray) -> None:
         self.issued_[key] = change
@@ -285,11 +291,11 @@ class RLSLearner(OnlineLearner):
 
     def predict(self, windows: np.ndarray | torch.Tensor) -> np.ndarray:
         """Forecast ``(batch, horizon, targets)`` for ``(batch, lookback, inputs)`` windows."""
-        return self._forecast(windows, remember=True).astype(np.float32)
+        return self.issue(windows)[0]
 
     def squared_errors(self, windows: torch.Tensor, truths: torch.Tensor) -> torch.Tensor:
         """Mean squared error per sample, without learning."""
-        forecast = self._forecast(windows, remember=False)
+        forecast, _ = self._forecast(windows, remember=False)
         errors = ((forecast - _as_array(truths)) ** 2).reshape(len(forecast), -1).mean(1)
         return torch.from_numpy(errors.astype(np.float32))
 

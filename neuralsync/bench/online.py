@@ -376,9 +376,7 @@ def rls_components(
             for split, (start, stop) in spans.items()
             if start + LOOKBACK - 1 <= origin < stop - horizon
         ]
-        if scored:
-            candidates = learner.candidates(window.astype(np.float64))[0]
-        forecast = learner.predict(window)[0]
+        forecast, candidates = (a[0] for a in learner.issue(window))
         learned = origin - horizon
         if learned >= LOOKBACK - 1:
             learner.learn(
