@@ -179,10 +179,29 @@ def test_every_structural_mutation_happens_and_stays_in_the_space():
                 assert c.width in (p.width * 2, p.width // 2) and c.kind == p.kind
             elif change == "retype":
                 assert c.kind != p.kind and c.width == p.width
+            elif change == "activation":
+                assert c.activation != p.activation and c.kind == p.kind
+                assert c.kind not in ("gru", "lstm") and c.width == p.width
             else:
                 assert c.residual != p.residual and c.kind == p.kind
         g = child
     assert set(seen) == set(STRUCTURAL_MUTATIONS)
+
+
+def test_activation_mutation_skips_recurrent_cells_and_keeps_the_weights_shape():
+    space = SearchSpace(kinds=("mlp", "gru"), max_blocks=2, activations=("relu", "tanh"))
+    rng = np.random.default_rng(8)
+    recurrent = Genome((Block("gru", 16),))
+    assert mutate_structure(recurrent, rng, space, kinds=("activation",)) == (recurrent, "none")
+    mixed = Genome((Block("gru", 16), Block("mlp", 16, activation="relu")))
+    child, change = mutate_structure(mixed, rng, space, kinds=("activation",))
+    assert change == "activation"
+    assert child.blocks == (mixed.blocks[0], Block("mlp", 16, activation="tanh"))
+    parent, kid = mixed.build(3, 8, 1, [0]), child.build(3, 8, 1, [0])
+    assert [p.shape for p in parent.parameters()] == [p.shape for p in kid.parameters()]
+    single = SearchSpace(activations=("relu",))
+    plain = Genome((Block("mlp", 16),))
+    assert mutate_structure(plain, rng, single, kinds=("activation",)) == (plain, "none")
 
 
 def test_structural_mutation_respects_bounds_and_chosen_kinds():

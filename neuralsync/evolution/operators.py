@@ -36,7 +36,14 @@ __all__ = [
 #: Step-size multipliers of multi-scale mutation: small, medium and large steps.
 MULTISCALE: tuple[float, ...] = (0.3, 1.0, 3.0)
 #: The kinds of structural mutation, as :func:`mutate_structure` names them.
-STRUCTURAL_MUTATIONS: tuple[str, ...] = ("add", "remove", "resize", "retype", "residual")
+STRUCTURAL_MUTATIONS: tuple[str, ...] = (
+    "add",
+    "remove",
+    "resize",
+    "retype",
+    "activation",
+    "residual",
+)
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -204,7 +211,9 @@ def mutate_structure(
 
     ``add`` inserts a random block at a random position; ``remove`` deletes one; ``resize``
     doubles or halves a width (the other way when a bound stops it); ``retype`` gives a block
-    another kind; ``residual`` toggles a skip connection. ``"none"`` when no kind applies.
+    another kind; ``activation`` gives a feed-forward block another nonlinearity (its weights
+    still fit: a Lamarckian child keeps them); ``residual`` toggles a skip connection.
+    ``"none"`` when no kind applies.
 
     >>> child, change = mutate_structure(Genome(blocks=()), np.random.default_rng(0), SearchSpace())
     >>> change, len(child.blocks)
@@ -223,6 +232,8 @@ def mutate_structure(
         "remove": n > space.min_blocks,
         "resize": n > 0 and len(space.width_choices) > 1,
         "retype": n > 0 and len(space.kinds) > 1,
+        "activation": len(space.activations) > 1
+        and any(b.kind not in ("gru", "lstm") for b in g.blocks),
         "residual": n > 0,
     }
     options = [k for k in kinds if applies[k]]
@@ -234,6 +245,11 @@ def mutate_structure(
         blocks.insert(int(rng.integers(0, n + 1)), random_block(space, rng))
     elif change == "remove":
         del blocks[int(rng.integers(0, n))]
+    elif change == "activation":
+        # Recurrent cells keep their own nonlinearity, so only the other blocks can change.
+        i = int(rng.choice([j for j, b in enumerate(blocks) if b.kind not in ("gru", "lstm")]))
+        others = [a for a in space.activations if a != blocks[i].activation]
+        blocks[i] = replace(blocks[i], activation=str(rng.choice(others)))
     else:
         i = int(rng.integers(0, n))
         b = blocks[i]
