@@ -442,19 +442,39 @@ def evolution(
         list[str] | None,
         typer.Option(help="Run only these variants (repeat the option); default: all five."),
     ] = None,
+    scenario: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Replay these scenarios (default, etth2, recurring; repeat the option); "
+            "default: default and etth2."
+        ),
+    ] = None,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Replay every variant with this many seeds (the scenario's and the ones "
+            "after it) and print the ratio to no evolution per seed.",
+        ),
+    ] = 1,
     out: Annotated[Path | None, typer.Option(help="Write results.json here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Evolution ablation: full, no surrogate, no Lamarckian, no multi-scale, no evolution."""
-    from neuralsync.bench.evolution import format_table, run_ablation
+    from neuralsync.bench.evolution import format_seeds_table, format_table, run_ablation
 
     report = run_ablation(
         quick=quick,
         variants=variant,
+        scenarios=scenario,
+        seeds=seeds,
         out=out,
         log=lambda line: console.print(line, highlight=False),
     )
     typer.echo(format_table(report))
+    if seeds > 1:
+        typer.echo("")
+        typer.echo(format_seeds_table(report))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
 
