@@ -27,7 +27,7 @@ from neuralsync.learner import OnlineLearner
 
 __all__ = ["FastLearner", "as_fast", "fast_path_reason", "live_path", "make_learner"]
 
-ACTIVATION_CODES = {"relu": 0, "tanh": 1}
+ACTIVATION_CODES = {"relu": 0, "tanh": 1, "silu": 2, "gelu": 3}
 
 
 def fast_path_reason(config: ModelConfig, device: torch.device | str = "cpu") -> str | None:
@@ -57,7 +57,7 @@ def fast_path_reason(config: ModelConfig, device: torch.device | str = "cpu") ->
     if config.type == "mlp" and len(config.hidden) > 1:
         return f"{len(config.hidden)} hidden layers (the fast path has at most one)"
     if config.type == "mlp" and config.activation not in ACTIVATION_CODES:
-        return f"activation '{config.activation}' (the fast path has relu and tanh)"
+        return f"activation '{config.activation}' (the fast path has {', '.join(ACTIVATION_CODES)})"
     if config.dropout > 0:
         return "dropout (the fast path has none)"
     return None
@@ -236,18 +236,33 @@ _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 # results agree with the reference path to float32 rounding.
 
 
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _activate(value, code):
     if code == 0:
         return value if value > 0 else np.float32(0.0)
-    return np.float32(math.tanh(value))
+    if code == 1:
+        return np.float32(math.tanh(value))
+    if code == 2:  # silu: x·sigmoid(x)
+        return np.float32(value / (1.0 + math.exp(-value)))
+    # gelu, torch's exact form: x·Φ(x)
+    return np.float32(0.5 * value * (1.0 + math.erf(value * _SQRT_HALF)))
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _activation_slope(pre, post, code):
     if code == 0:
         return np.float32(1.0) if pre > 0 else np.float32(0.0)
-    return np.float32(1.0) - post * post
+    if code == 1:
+        return np.float32(1.0) - post * post
+    if code == 2:
+        sigmoid = 1.0 / (1.0 + math.exp(-pre))
+        return np.float32(sigmoid * (1.0 + pre * (1.0 - sigmoid)))
+    cdf = 0.5 * (1.0 + math.erf(pre * _SQRT_HALF))
+    return np.float32(cdf + pre * _INV_SQRT_2PI * math.exp(-0.5 * pre * pre))
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)

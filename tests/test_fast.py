@@ -87,6 +87,8 @@ def _run_together(a: OnlineLearner, b: OnlineLearner, steps: int, seed: int, *, 
 AGREEMENT_CASES = {
     "mlp relu (default)": ({}, 1, [0]),
     "tanh": ({"activation": "tanh"}, 1, [0]),
+    "silu": ({"activation": "silu"}, 1, [0]),
+    "gelu": ({"activation": "gelu"}, 1, [0]),
     "linear": ({"type": "linear"}, 1, [0]),
     "momentum 0.9 and weight decay": ({"momentum": 0.9, "weight_decay": 0.01}, 1, [0]),
     "batches of 4": ({"batch_size": 4}, 1, [0]),
@@ -343,7 +345,6 @@ def test_the_module_always_shows_the_current_weights():
 UNSUPPORTED = {
     "adam": ({"optimizer": "adam"}, "optimizer 'adam'"),
     "two hidden layers": ({"hidden": [16, 8]}, "2 hidden layers"),
-    "gelu": ({"activation": "gelu"}, "activation 'gelu'"),
     "dropout": ({"dropout": 0.1}, "dropout"),
     "switched off": ({"fast_path": False}, "fast_path is off"),
 }
