@@ -151,7 +151,7 @@ class EvolutionConfig(_Strict):
     #: Share of children made by crossover of two tournament winners (then mutated).
     crossover_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.3
     #: Chance that a child's mutation is structural (add, remove, resize, retype a block,
-    #: toggle a skip) rather than parametric.
+    #: change a block's activation, toggle a skip) rather than parametric.
     structural_rate: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
     #: Children mutate at 0.3σ, 1σ and 3σ; false mutates every child at 1σ.
     multiscale: bool = True
@@ -188,7 +188,8 @@ class EvolutionConfig(_Strict):
     online_genes: bool = False
     #: The gate judges a search's winner test-then-train on every sample since the search
     #: began; it goes live only if its advantage over the live model there has a paired
-    #: z-score of at least this (0: any advantage).
+    #: z-score of at least this (0: any advantage). At horizons above 1 the z-score counts
+    #: overlapping targets as the correlated evidence they are (``gates.advantage_z``).
     min_z: Annotated[float, Field(ge=0.0)] = 1.0
     #: Labelled samples a search learns from and is scored on: the newest at its start.
     window: Annotated[int, Field(ge=16)] = 256

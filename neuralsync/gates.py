@@ -15,7 +15,70 @@ import torch
 
 from neuralsync.base import Gate, GateDecision, Proposal
 
-__all__ = ["CanaryGate", "StabilityGate"]
+__all__ = ["CanaryGate", "StabilityGate", "advantage_z", "standard_error_of_mean"]
+
+
+def standard_error_of_mean(values: torch.Tensor, horizon: int = 1) -> float:
+    """The standard error of the mean of ``values``, a series of per-sample error differences
+    between two forecasters; ``inf`` for fewer than two values.
+
+    Forecasts issued on neighbouring samples share ``horizon - 1`` of their target steps, so
+    their errors are correlated up to that lag and the plain standard error overstates the
+    evidence about up to ``horizon``-fold. The variance is the long-run variance of Diebold
+    and Mariano's forecast comparison: the variance plus twice the autocovariances up to lag
+    ``horizon - 1``, which is unbiased for such errors (in the rare sample where that sum is not
+    positive, the autocovariances are weighted as Newey and West's, which keeps it so). At
+    ``horizon`` 1 it is the plain standard error (sample variance over n).
+
+    >>> import torch
+    >>> runs = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).repeat(4)  # in runs of 4
+    >>> round(standard_error_of_mean(runs), 3), round(standard_error_of_mean(runs, 4), 3)
+    (0.09, 0.105)
+
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon: expected at least 1, got {horizon}")
+    values = values.to(torch.float64)
+    n = len(values)
+    if n < 2:
+        return math.inf
+    centred = values - values.mean()
+    autocovariances = [
+        float((centred[lag:] * centred[:-lag]).sum()) / n for lag in range(1, min(horizon, n))
+    ]
+    variance = float(centred.square().sum()) / (n - 1)
+    long_run = variance + 2.0 * sum(autocovariances)
+    if long_run <= 0.0:
+        weights = (1.0 - lag / horizon for lag in range(1, len(autocovariances) + 1))
+        long_run = variance + 2.0 * sum(w * a for w, a in zip(weights, autocovariances))
+    return math.sqrt(max(long_run, 0.0) / n)
+
+
+def advantage_z(
+    candidate_errors: torch.Tensor, live_errors: torch.Tensor, horizon: int = 1
+) -> float:
+    """How far the candidate's advantage stands out from noise: the mean of the paired error
+    differences (live minus candidate; positive when the candidate is better) over its
+    :func:`standard_error_of_mean` at this ``horizon``. 0 when there is nothing to tell (fewer
+    than two samples, no spread). At ``horizon`` 1 it is the paired t statistic.
+
+    Examples
+    --------
+    >>> import torch
+    >>> live = torch.tensor([1.0, 2.0, 1.5, 2.5])
+    >>> round(advantage_z(live - 0.5 + torch.tensor([0.1, -0.1, 0.1, -0.1]), live), 2)
+    8.66
+    >>> runs = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).repeat(4)  # in runs of 4
+    >>> live = 2 * runs + 0.5
+    >>> round(advantage_z(runs, live), 2), round(advantage_z(runs, live, horizon=4), 2)
+    (11.14, 9.54)
+
+    """
+    diff = live_errors.to(torch.float64) - candidate_errors.to(torch.float64)
+    spread = standard_error_of_mean(diff, horizon)
+    if not 0.0 < spread < math.inf:
+        return 0.0
+    return float(diff.mean()) / spread
 
 
 class CanaryGate(Gate):
@@ -23,7 +86,9 @@ class CanaryGate(Gate):
 
     For a proposal that carries ``canary_errors`` (errors measured test-then-train over a long
     window, as a deferred search's winner does), ``min_z`` > 0 also asks the advantage to
-    stand out from noise: the paired z-score of the per-sample error differences must reach it.
+    stand out from noise: the paired z-score of the per-sample error differences must reach it
+    (:func:`advantage_z`, which counts overlapping ``horizon``-step targets as the evidence they
+    are).
 
     Examples
     --------
@@ -40,9 +105,10 @@ class CanaryGate(Gate):
 
     """
 
-    def __init__(self, margin: float = 0.0, min_z: float = 0.0):
+    def __init__(self, margin: float = 0.0, min_z: float = 0.0, horizon: int = 1):
         self.margin = margin
         self.min_z = min_z
+        self.horizon = horizon
 
     def decide(
         self,
@@ -67,9 +133,7 @@ class CanaryGate(Gate):
         if proposal.canary_errors is not None and len(errors) > 1:
             # Errors measured test-then-train over a long window: the advantage should stand
             # out from sample-to-sample noise (a paired z-score of the error differences).
-            diff = errors - live_errors.to(torch.float64)
-            spread = float(diff.std()) / math.sqrt(len(diff))
-            z = -float(diff.mean()) / spread if spread > 0 else 0.0
+            z = advantage_z(errors, live_errors, self.horizon)
             figures["advantage_z"] = z
             if accepted and z < self.min_z:
                 accepted = False
@@ -101,8 +165,14 @@ class StabilityGate(CanaryGate):
 
     """
 
-    def __init__(self, margin: float = 0.0, risk_threshold: float = 0.6, min_z: float = 0.0):
-        super().__init__(margin, min_z)
+    def __init__(
+        self,
+        margin: float = 0.0,
+        risk_threshold: float = 0.6,
+        min_z: float = 0.0,
+        horizon: int = 1,
+    ):
+        super().__init__(margin, min_z, horizon)
         self.risk_threshold = risk_threshold
 
     def decide(

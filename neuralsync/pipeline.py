@@ -157,7 +157,10 @@ class Pipeline:
         adaptation = scenario.adaptation
         evolution = adaptation.evolution
         self.gate = gate or StabilityGate(
-            adaptation.margin, evolution.risk_threshold, min_z=evolution.min_z
+            adaptation.margin,
+            evolution.risk_threshold,
+            min_z=evolution.min_z,
+            horizon=scenario.horizon,
         )
         self.events = EventBus()
         self.device = resolve_device(scenario.device)

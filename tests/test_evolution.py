@@ -22,7 +22,7 @@ from neuralsync.evolution.adapter import EvolutionAdapter
 from neuralsync.evolution.engine import EvolutionEngine
 from neuralsync.evolution.genome import Genome
 from neuralsync.evolution.surrogate import Surrogate
-from neuralsync.gates import StabilityGate
+from neuralsync.gates import StabilityGate, advantage_z, standard_error_of_mean
 from neuralsync.learner import OnlineLearner
 from neuralsync.pipeline import Pipeline
 from neuralsync.sources import DataFrameSource
@@ -173,6 +173,43 @@ def test_stability_gate_needs_low_risk_and_a_better_canary():
     measured = Proposal(live, "evolution", {"risk": 0.1}, canary_errors=torch.full((16,), 0.5))
     decision = StabilityGate().decide(measured, torch.ones(16), x, y)
     assert decision.accepted and decision.figures["candidate_mse"] == 0.5
+
+
+def test_the_standard_error_is_the_plain_one_at_horizon_one():
+    values = torch.randn(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plain = float(values.std()) / math.sqrt(len(values))
+    assert standard_error_of_mean(values) == pytest.approx(plain, rel=1e-12)
+    assert standard_error_of_mean(values[:1]) == math.inf
+    with pytest.raises(ValueError, match="horizon: expected at least 1"):
+        standard_error_of_mean(values, 0)
+
+
+def test_overlapping_targets_do_not_pass_noise_for_evidence():
+    """Equal forecasters whose error differences overlap as H-step targets do (a moving sum
+    of H independent shocks): the plain z-score calls one side better far more often than
+    1.96 should allow; the horizon-aware one stays near the nominal 5 %."""
+    horizon, n, trials = 8, 256, 400
+    g = torch.Generator().manual_seed(1)
+    shocks = torch.randn(trials, n + horizon - 1, generator=g, dtype=torch.float64)
+    overlapping = shocks.unfold(1, horizon, 1).sum(-1)  # (trials, n), MA(horizon - 1)
+    zero = torch.zeros(n, dtype=torch.float64)
+    plain = [abs(advantage_z(zero, d)) > 1.96 for d in overlapping]
+    aware = [abs(advantage_z(zero, d, horizon)) > 1.96 for d in overlapping]
+    assert sum(plain) / trials > 0.3
+    assert sum(aware) / trials < 0.12
+
+
+def test_the_gate_weighs_evidence_by_the_horizon():
+    live = _live(0)
+    x, y = _windows(64)
+    g = torch.Generator().manual_seed(2)
+    live_errors = 1.0 + torch.rand(64, generator=g).repeat_interleave(8)[:64]  # runs of 8
+    better = live_errors - 0.05 + 0.3 * torch.randn(8, generator=g).repeat_interleave(8)
+    proposal = Proposal(live, "evolution", {"risk": 0.1}, canary_errors=better)
+    one = StabilityGate(min_z=1.0).decide(proposal, live_errors, x, y)
+    eight = StabilityGate(min_z=1.0, horizon=8).decide(proposal, live_errors, x, y)
+    assert one.figures["advantage_z"] > eight.figures["advantage_z"]
+    assert eight.figures["advantage_z"] == pytest.approx(advantage_z(better, live_errors, 8))
 
 
 # -- in the stream --------------------------------------------------------------------------------

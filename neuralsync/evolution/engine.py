@@ -50,6 +50,7 @@ from neuralsync.evolution.operators import (
 )
 from neuralsync.evolution.population import PopulationTrainer
 from neuralsync.evolution.surrogate import Surrogate, regime_features
+from neuralsync.gates import standard_error_of_mean
 from neuralsync.learner import OnlineLearner
 
 __all__ = ["Candidate", "EvolutionEngine", "SearchResult", "search_space_for"]
@@ -267,10 +268,10 @@ class EvolutionEngine:
         self.elites_ = [c.genome.to_dict() for c in ranked[: self.elites] if c is not incumbent]
         self.searches_ += 1
         self.history_ = (self.history_ + result_history)[-500:]
-        risk = self._risk(best, incumbent) if cfg.surrogate else None
+        risk = self._risk(best, incumbent, live.horizon) if cfg.surrogate else None
         return SearchResult(best, incumbent_fitness, risk, result_history, evaluations)
 
-    def _risk(self, best: Candidate, incumbent: Candidate) -> float | None:
+    def _risk(self, best: Candidate, incumbent: Candidate, horizon: int = 1) -> float | None:
         """The probability that ``best`` is worse than the live model: the surrogate's
         prediction (made before ``best`` was trained, with the spread of the trees and of the
         surrogate's past errors) as a prior, updated by ``best``'s measured fitness (with the
@@ -283,7 +284,8 @@ class EvolutionEngine:
         if not math.isfinite(measured) or incumbent.sample_losses is None:
             return 1.0
         diff = (best.sample_losses - incumbent.sample_losses).double()
-        spread = float(diff.std()) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
+        # Overlapping targets (horizon > 1) make neighbouring differences correlated.
+        spread = standard_error_of_mean(diff, horizon)
         # Delta method: the standard error of log(best / incumbent).
         measured_var = max(spread / max(incumbent.fitness, 1e-12), 1e-3) ** 2
         weight = (1.0 / prior_var) + (1.0 / measured_var)
