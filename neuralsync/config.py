@@ -232,6 +232,11 @@ class AdaptationConfig(_Strict):
     canary_size: Annotated[int, Field(gt=0)] = 64
     #: Relative improvement over the live model's error a proposal must reach to go live.
     margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    #: A proposal scored on the canary window (meta-adaptation's) goes live only if its
+    #: advantage there has a paired z-score of at least this (``gates.advantage_z``, which
+    #: counts overlapping horizon-step targets as the correlated evidence they are); 0 takes
+    #: any advantage.
+    min_z: Annotated[float, Field(ge=0.0)] = 0.0
     #: Meta-adaptation settings.
     meta: MetaConfig = Field(default_factory=MetaConfig)
     #: Evolution settings.

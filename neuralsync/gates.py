@@ -49,8 +49,9 @@ def standard_error_of_mean(values: torch.Tensor, horizon: int = 1) -> float:
     variance = float(centred.square().sum()) / (n - 1)
     long_run = variance + 2.0 * sum(autocovariances)
     if long_run <= 0.0:
-        weights = (1.0 - lag / horizon for lag in range(1, len(autocovariances) + 1))
-        long_run = variance + 2.0 * sum(w * a for w, a in zip(weights, autocovariances))
+        long_run = variance + 2.0 * sum(
+            (1.0 - lag / horizon) * a for lag, a in enumerate(autocovariances, start=1)
+        )
     return math.sqrt(max(long_run, 0.0) / n)
 
 
@@ -105,10 +106,13 @@ class CanaryGate(Gate):
 
     """
 
-    def __init__(self, margin: float = 0.0, min_z: float = 0.0, horizon: int = 1):
+    def __init__(
+        self, margin: float = 0.0, min_z: float = 0.0, horizon: int = 1, canary_min_z: float = 0.0
+    ):
         self.margin = margin
         self.min_z = min_z
         self.horizon = horizon
+        self.canary_min_z = canary_min_z
 
     def decide(
         self,
@@ -130,16 +134,18 @@ class CanaryGate(Gate):
             if accepted
             else "candidate does not beat the live model on the canary window"
         )
-        if proposal.canary_errors is not None and len(errors) > 1:
-            # Errors measured test-then-train over a long window: the advantage should stand
-            # out from sample-to-sample noise (a paired z-score of the error differences).
+        if len(errors) > 1:
+            # The advantage should stand out from sample-to-sample noise (a paired z-score of
+            # the error differences): errors measured test-then-train over a long window (a
+            # deferred search's winner) against ``min_z``, a canary's against ``canary_min_z``.
             z = advantage_z(errors, live_errors, self.horizon)
             figures["advantage_z"] = z
-            if accepted and z < self.min_z:
+            needed = self.min_z if proposal.canary_errors is not None else self.canary_min_z
+            if accepted and z < needed:
                 accepted = False
                 reason = (
                     f"candidate's advantage on the canary window is within noise "
-                    f"(z = {z:.2f} < {self.min_z:g})"
+                    f"(z = {z:.2f} < {needed:g})"
                 )
         return GateDecision(accepted, reason, figures)
 
@@ -171,8 +177,9 @@ class StabilityGate(CanaryGate):
         risk_threshold: float = 0.6,
         min_z: float = 0.0,
         horizon: int = 1,
+        canary_min_z: float = 0.0,
     ):
-        super().__init__(margin, min_z, horizon)
+        super().__init__(margin, min_z, horizon, canary_min_z)
         self.risk_threshold = risk_threshold
 
     def decide(

@@ -161,6 +161,7 @@ class Pipeline:
             evolution.risk_threshold,
             min_z=evolution.min_z,
             horizon=scenario.horizon,
+            canary_min_z=adaptation.min_z,
         )
         self.events = EventBus()
         self.device = resolve_device(scenario.device)
@@ -553,20 +554,26 @@ class Pipeline:
             if not adapters:
                 return
         canary_size = self.scenario.adaptation.canary_size
-        if len(self._recent) < canary_size + 1:
+        gap = self._overlap()
+        if len(self._recent) < canary_size + gap + 1:
             self._emit(
                 "adaptation_skipped",
                 reason=(
                     f"{len(self._recent)} labelled samples since the start; the canary check needs "
-                    f"more than {canary_size}"
+                    f"more than {canary_size + gap}"
                 ),
             )
             return
         samples = list(self._recent)
         everything_x = torch.from_numpy(np.stack([s[0] for s in samples]))
         everything_y = torch.from_numpy(np.stack([s[1] for s in samples]))
-        support = slice(-canary_size - self.scenario.adaptation.support_size, -canary_size)
+        # With a label delay d, the d - 1 samples labelled just before the canary have targets
+        # that the canary's forecasts were issued without: a proposal that trained on them
+        # would be judged with hindsight the live model did not have. They sit out as a gap.
+        end = len(samples) - canary_size - gap
+        support = slice(max(0, end - self.scenario.adaptation.support_size), end)
         support_x, support_y = everything_x[support], everything_y[support]
+        between = slice(end, len(samples) - canary_size)
         canary_x, canary_y = everything_x[-canary_size:], everything_y[-canary_size:]
         live_errors = torch.tensor([s[2] for s in samples[-canary_size:]])
         for adapter in adapters:
@@ -589,7 +596,13 @@ class Pipeline:
             if isinstance(proposal, Deferred):
                 self._defer(adapter, change, proposal)
             elif proposal is not None:
-                self._offer(proposal, live_errors, canary_x, canary_y)
+                self._offer(
+                    proposal,
+                    live_errors,
+                    torch.cat([everything_x[between], canary_x]),
+                    torch.cat([everything_y[between], canary_y]),
+                    scored_from=gap,
+                )
 
     def _defer(self, adapter: Adapter, change: RegimeChange, deferred: Deferred) -> None:
         labelled = self.counts_["labelled"]
@@ -630,16 +643,53 @@ class Pipeline:
             fresh = samples[len(samples) - min(labelled - started, len(samples)) :]
             # The samples that arrived while the work ran are the canary: the work never saw
             # them. The candidate catches up on them in order, test-then-train as the live
-            # model did, and the gate compares the two models' errors on every one of them.
-            errors = [proposal.learner.learn(w[None], t[None]) for w, t, _ in fresh]
-            proposal.canary_errors = torch.tensor(errors)
+            # model did, and the gate compares the two models' errors on each one it can
+            # forecast as the live model did (with a label delay, the first few were issued
+            # before the work started).
+            gap = min(self._overlap(), len(fresh))
+            proposal.canary_errors = torch.tensor(self._catch_up(proposal.learner, fresh, gap))
+            scored = fresh[gap:]
+            if not scored:
+                self._emit(
+                    "adaptation_skipped",
+                    adapter=name,
+                    reason=(
+                        f"{len(fresh)} samples arrived while it ran, all issued before it "
+                        f"started (label delay {self.label_delay}): nothing to judge it on"
+                    ),
+                )
+                continue
             self._offer(
                 proposal,
-                torch.tensor([s[2] for s in fresh]),
-                torch.from_numpy(np.stack([s[0] for s in fresh])),
-                torch.from_numpy(np.stack([s[1] for s in fresh])),
+                torch.tensor([s[2] for s in scored]),
+                torch.from_numpy(np.stack([s[0] for s in scored])),
+                torch.from_numpy(np.stack([s[1] for s in scored])),
                 learned=True,
             )
+
+    def _overlap(self) -> int:
+        """Labelled samples between a forecast's issue and its label: with a label delay of d
+        steps per series, a forecast was issued before the d - 1 samples (per series)
+        labelled just before it. 0 for one-step-ahead test-then-train."""
+        return (self.label_delay - 1) * max(1, len(self.series))
+
+    @staticmethod
+    def _catch_up(learner: Any, samples: list[tuple], gap: int) -> list[float]:
+        """Let ``learner``, as the live model was when ``samples`` began to arrive, learn them
+        in order; return its errors on all but the first ``gap``, each forecast knowing what
+        the live model knew when it issued that forecast: the samples labelled ``gap + 1`` or
+        more before it."""
+        if gap == 0:
+            return [learner.learn(w[None], t[None]) for w, t, _ in samples]
+        errors = []
+        for k in range(gap, len(samples)):
+            if k > gap:
+                learner.learn(samples[k - gap - 1][0][None], samples[k - gap - 1][1][None])
+            window, target, _ = samples[k]
+            errors.append(float(learner.squared_errors(window[None], target[None])[0]))
+        for window, target, _ in samples[max(0, len(samples) - gap - 1) :]:
+            learner.learn(window[None], target[None])
+        return errors
 
     def _offer(
         self,
@@ -648,8 +698,13 @@ class Pipeline:
         canary_x: torch.Tensor,
         canary_y: torch.Tensor,
         learned: bool = False,
+        scored_from: int = 0,
     ) -> None:
-        decision = self.gate.decide(proposal, live_errors, canary_x, canary_y)
+        """Let the gate judge ``proposal`` on the canary, ``canary_x[scored_from:]`` (the
+        samples before it are the gap it learns, unscored, when it goes live)."""
+        decision = self.gate.decide(
+            proposal, live_errors, canary_x[scored_from:], canary_y[scored_from:]
+        )
         # One dict, not two keyword spreads: a detail named like a gate figure (or like
         # `accepted`) must not stop the stream with a TypeError; the gate's own fields win.
         details = {**proposal.details, **decision.figures, "accepted": decision.accepted}
@@ -663,7 +718,7 @@ class Pipeline:
         if not decision.accepted:
             return
         if not learned:
-            # The canary samples are past data the new model has not seen: learn them now.
+            # The gap and canary samples are past data the new model has not seen: learn them.
             for x, y in zip(canary_x, canary_y, strict=True):
                 proposal.learner.learn(x[None], y[None])
         previous = self.learner
@@ -684,6 +739,9 @@ class Pipeline:
                 "previous": previous,
                 "source": proposal.source,
                 "remaining": rollback.window,
+                # With a label delay, the first forecasts labelled after the swap were issued
+                # by the replaced model: they judge neither.
+                "skip": self._overlap(),
                 "live": 0.0,
                 "previous_error": 0.0,
                 "samples": 0,
@@ -694,15 +752,28 @@ class Pipeline:
         too, and at the end of the window keep the better one (a rollback if the old)."""
         probation = self._probation
         previous = probation["previous"]
+        # The replaced model learns each sample only once the next forecasts it is scored on
+        # were issued (label delay), as the live model did: else it would forecast with
+        # hindsight. One-step-ahead, that is at once.
+        unlearned = probation.setdefault("unlearned", [])
+        if probation.get("skip", 0) > 0:
+            probation["skip"] -= 1
+            unlearned.append((window, target))
+            return
         forecast = previous.predict(window[None])[0]
         probation["previous_error"] += float(((forecast - target) ** 2).mean())
         probation["live"] += live_error
         probation["samples"] += 1
-        previous.learn(window[None], target[None])
+        unlearned.append((window, target))
+        while len(unlearned) > self._overlap():
+            w, t = unlearned.pop(0)
+            previous.learn(w[None], t[None])
         probation["remaining"] -= 1
         if probation["remaining"] > 0:
             return
         self._probation = None
+        for w, t in unlearned:
+            previous.learn(w[None], t[None])
         n = probation["samples"]
         live, old = probation["live"] / n, probation["previous_error"] / n
         margin = self.scenario.adaptation.rollback.margin
@@ -855,6 +926,10 @@ class Pipeline:
             else {
                 **self._probation,
                 "previous": self._probation["previous"].state_dict(),
+                "unlearned": [
+                    (torch.from_numpy(w), torch.from_numpy(t))
+                    for w, t in self._probation.get("unlearned", [])
+                ],
             },
             "rng": {name: state.clone() for name, state in self._rng.items()},
         }
@@ -888,7 +963,11 @@ class Pipeline:
         self._probation = None
         if probation is not None:
             previous = learner_from_state_dict(probation["previous"], self.device)
-            self._probation = {**probation, "previous": as_fast(previous)}
+            self._probation = {
+                **probation,
+                "previous": as_fast(previous),
+                "unlearned": [(w.numpy(), t.numpy()) for w, t in probation.get("unlearned", [])],
+            }
         self._rng = {name: saved.clone() for name, saved in state["rng"].items()}
         if self.device.type == "cuda" and "cuda" not in self._rng:
             # A snapshot taken on the CPU carries no CUDA generator: seed one, as a new run would.

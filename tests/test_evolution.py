@@ -212,6 +212,19 @@ def test_the_gate_weighs_evidence_by_the_horizon():
     assert eight.figures["advantage_z"] == pytest.approx(advantage_z(better, live_errors, 8))
 
 
+def test_a_canary_scored_proposal_can_be_asked_for_evidence_too():
+    live = _live(0)
+    x, y = _windows(32)
+    own = live.squared_errors(x, y)
+    g = torch.Generator().manual_seed(3)
+    barely_worse = own + 0.01 + 0.5 * torch.rand(32, generator=g) * own.mean()  # live's, noisy
+    proposal = Proposal(live, "meta")  # no canary_errors: the gate forecasts the canary itself
+    any_advantage = StabilityGate().decide(proposal, barely_worse, x, y)
+    assert any_advantage.accepted and 0 < any_advantage.figures["advantage_z"]
+    asked = StabilityGate(canary_min_z=50.0).decide(proposal, barely_worse, x, y)
+    assert not asked.accepted and "within noise" in asked.reason
+
+
 # -- in the stream --------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ Every run here really trains the live model; series are short and the lookback i
 from __future__ import annotations
 
 import datetime as dt
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from neuralsync.adaptation import build_adapters
-from neuralsync.base import Adapter, Prediction, Proposal
+from neuralsync.base import Adapter, Deferred, Gate, GateDecision, Prediction, Proposal
 from neuralsync.config import Scenario
 from neuralsync.errors import ConfigError, DataError, StreamOrderError
 from neuralsync.learner import OnlineLearner
@@ -759,3 +760,91 @@ def test_keyed_change_points_are_scored_in_their_own_key_rows():
     assert 0 <= delay < 150  # in 'a's rows; the same delay in stream rows is about 3x larger
     on_a = [d for d in pipeline.detections_ if d["key"] == "a"]
     assert on_a and on_a[0]["key_row"] - 451 == delay
+
+
+# -- judging proposals under a label delay --------------------------------------------------------
+
+
+class _LiveCopyLater(Adapter):
+    """Background work whose result is the live model exactly as it was at the regime change:
+    judged fairly, it must score on every canary sample exactly what the live model scored."""
+
+    name = "copy"
+    result_delay = 40
+
+    def on_regime_change(self, change, live, support_x, support_y):
+        future: Future = Future()
+        future.set_result(Proposal(live.clone(), self.name))
+        return Deferred(future, {})
+
+
+class _RecordingGate(Gate):
+    def __init__(self):
+        self.seen = []
+
+    def decide(self, proposal, live_errors, canary_x, canary_y):
+        self.seen.append((proposal.canary_errors.clone(), live_errors.clone(), len(canary_x)))
+        return GateDecision(True, "recorded", {})
+
+
+@pytest.mark.parametrize("horizon", [1, 4])
+def test_a_copy_of_the_live_model_is_judged_as_the_live_model_whatever_the_label_delay(horizon):
+    """With a label delay d the live model forecast each canary sample before the d - 1
+    samples labelled just before it; the candidate must too, or it is judged with hindsight.
+    Then, swapped in, the copy and the replaced model score the same over probation."""
+    gate = _RecordingGate()
+    scenario = _scenario(
+        features=[],
+        horizon=horizon,
+        model={"hidden": [16], "fast_path": False},
+        detector={"type": "adwin"},
+        adaptation={"canary_size": 8},
+    )
+    pipeline = Pipeline(scenario, adapters=[_LiveCopyLater()], gate=gate)
+    events: list[dict] = []
+    pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
+    for batch in DataFrameSource(_shift_frame(), timestamp="t", columns=["y"], chunk_size=50):
+        pipeline.process(batch)
+    assert gate.seen, "the level shift should have produced a change and a delivery"
+    for candidate, live, n in gate.seen:
+        assert len(candidate) == len(live) == n == 40 - (horizon - 1)
+        torch.testing.assert_close(candidate, live.to(candidate.dtype), rtol=1e-5, atol=1e-6)
+    ends = [e for e in events if e["type"] in ("swap_confirmed", "rollback")]
+    assert ends and all(e["type"] == "swap_confirmed" for e in ends)
+    for end in ends:
+        assert end["previous_mse"] == pytest.approx(end["live_mse"], rel=1e-5)
+
+
+def test_a_proposal_never_trains_on_targets_its_canary_forecasts_were_issued_without():
+    """Horizon 4: the three samples labelled just before the canary have targets inside the
+    canary's forecast periods; the adapter's support stops before them, and the gate scores
+    the canary alone."""
+    seen = {}
+
+    class Watcher(Adapter):
+        name = "watcher"
+
+        def on_regime_change(self, change, live, support_x, support_y):
+            recent = list(pipeline._recent)
+            seen["support_last"] = support_x[-1].numpy()
+            seen["recent"] = [w for w, _, _ in recent]
+            return Proposal(live.clone(), self.name)
+
+    gate = _RecordingGate()
+    scenario = _scenario(
+        features=[],
+        horizon=4,
+        detector={"type": "adwin"},
+        adaptation={"canary_size": 8, "support_size": 32},
+    )
+    pipeline = Pipeline(scenario, adapters=[Watcher()], gate=gate)
+    gate.decide = lambda proposal, live_errors, x, y: (
+        seen.setdefault("canary", (len(live_errors), len(x))),
+        GateDecision(False, "recorded", {}),
+    )[1]
+    for batch in DataFrameSource(_shift_frame(), timestamp="t", columns=["y"], chunk_size=50):
+        pipeline.process(batch)
+    assert "support_last" in seen, "the level shift should have produced a regime change"
+    gap = 4 - 1
+    np.testing.assert_array_equal(seen["support_last"], seen["recent"][-8 - gap - 1])
+    assert seen["canary"] == (8, 8)
