@@ -204,11 +204,15 @@ class RegimeMemory:
         del self.segments[: max(0, len(self.segments) - self.max_segments)]
 
     def sample_tasks(
-        self, n: int, support: int, query: int, generator: torch.Generator
+        self, n: int, support: int, query: int, generator: torch.Generator, gap: int = 0
     ) -> list[Task]:
         """``n`` tasks, each from a segment drawn at random, at a random place in it.
 
-        A segment shorter than ``support + query`` gives proportionally shorter windows.
+        ``gap`` samples separate the support from the query: with forecasts ``H`` steps ahead,
+        neighbouring samples share ``H - 1`` target steps, and a query right after its support
+        would reward an adaptation for memorising targets the query repeats (at a regime
+        change the live model's next forecasts are issued before those targets are known).
+        A segment shorter than ``support + gap + query`` gives proportionally shorter windows.
         """
         tasks: list[Task] = []
         if not self.segments:
@@ -217,13 +221,14 @@ class RegimeMemory:
             index = int(torch.randint(len(self.segments), (1,), generator=generator))
             x, y = self.segments[index]
             length = len(x)
+            g = min(gap, max(0, length - 2))
             s, q = support, query
-            if s + q > length:
-                s = max(1, length * support // (support + query))
-                q = max(1, length - s)
-            start = int(torch.randint(length - s - q + 1, (1,), generator=generator))
-            middle, end = start + s, start + s + q
-            tasks.append((x[start:middle], y[start:middle], x[middle:end], y[middle:end]))
+            if s + g + q > length:
+                s = max(1, (length - g) * support // (support + query))
+                q = max(1, length - g - s)
+            start = int(torch.randint(length - s - g - q + 1, (1,), generator=generator))
+            middle, begin, end = start + s, start + s + g, start + s + g + q
+            tasks.append((x[start:middle], y[start:middle], x[begin:end], y[begin:end]))
         return tasks
 
     def state_dict(self) -> dict[str, Any]:
@@ -426,7 +431,7 @@ class MetaAdapter(Adapter):
         for _ in range(c.meta_steps if len(self.memory) else 0):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.meta_updates_)
             tasks = self.memory.sample_tasks(
-                c.tasks_per_step, c.support_window, c.query_size, generator
+                c.tasks_per_step, c.support_window, c.query_size, generator, gap=live.horizon - 1
             )
             losses.append(meta.step([tuple(t.to(device) for t in task) for task in tasks]))
             self.meta_updates_ += 1

@@ -220,7 +220,7 @@ def test_a_canary_scored_proposal_can_be_asked_for_evidence_too():
     barely_worse = own + 0.01 + 0.5 * torch.rand(32, generator=g) * own.mean()  # live's, noisy
     proposal = Proposal(live, "meta")  # no canary_errors: the gate forecasts the canary itself
     any_advantage = StabilityGate().decide(proposal, barely_worse, x, y)
-    assert any_advantage.accepted and 0 < any_advantage.figures["advantage_z"]
+    assert any_advantage.accepted and any_advantage.figures["advantage_z"] > 0
     asked = StabilityGate(canary_min_z=50.0).decide(proposal, barely_worse, x, y)
     assert not asked.accepted and "within noise" in asked.reason
 

@@ -167,6 +167,20 @@ def test_memory_is_bounded_and_tasks_respect_time_order():
         assert int(sy[0]) // 1000 == int(qy[0]) // 1000  # one regime per task
 
 
+def test_at_long_horizons_the_query_starts_after_the_targets_the_support_saw():
+    memory = RegimeMemory(segment_size=100)
+    time_index = torch.arange(100, dtype=torch.float32)
+    memory.add(time_index.view(-1, 1, 1), time_index.view(-1, 1, 1))
+    for _, sy, _, qy in memory.sample_tasks(20, 16, 8, torch.Generator().manual_seed(0), gap=23):
+        assert sy.shape[0] == 16 and qy.shape[0] == 8
+        assert qy.min() == sy.max() + 24  # 23 samples between: no target step shared at H = 24
+    # A short segment still gives a task, the gap kept as far as it fits.
+    short = RegimeMemory()
+    short.add(torch.zeros(30, 2, 1), torch.arange(30.0).view(-1, 1, 1))
+    ((_, sy, _, qy),) = short.sample_tasks(1, 16, 16, torch.Generator(), gap=23)
+    assert len(sy) >= 1 and len(qy) >= 1 and qy.min() == sy.max() + 24
+
+
 def test_memory_cuts_short_segments_into_shorter_tasks():
     memory = RegimeMemory()
     memory.add(torch.zeros(10, 2, 1), torch.arange(10.0).view(-1, 1, 1))
