@@ -647,7 +647,6 @@ class Pipeline:
             # forecast as the live model did (with a label delay, the first few were issued
             # before the work started).
             gap = min(self._overlap(), len(fresh))
-            proposal.canary_errors = torch.tensor(self._catch_up(proposal.learner, fresh, gap))
             scored = fresh[gap:]
             if not scored:
                 self._emit(
@@ -659,6 +658,7 @@ class Pipeline:
                     ),
                 )
                 continue
+            proposal.canary_errors = torch.tensor(self._catch_up(proposal.learner, fresh, gap))
             self._offer(
                 proposal,
                 torch.tensor([s[2] for s in scored]),
@@ -742,6 +742,7 @@ class Pipeline:
                 # With a label delay, the first forecasts labelled after the swap were issued
                 # by the replaced model: they judge neither.
                 "skip": self._overlap(),
+                "unlearned": [],
                 "live": 0.0,
                 "previous_error": 0.0,
                 "samples": 0,
@@ -755,8 +756,8 @@ class Pipeline:
         # The replaced model learns each sample only once the next forecasts it is scored on
         # were issued (label delay), as the live model did: else it would forecast with
         # hindsight. One-step-ahead, that is at once.
-        unlearned = probation.setdefault("unlearned", [])
-        if probation.get("skip", 0) > 0:
+        unlearned = probation["unlearned"]
+        if probation.get("skip", 0) > 0:  # absent from snapshots taken before it existed
             probation["skip"] -= 1
             unlearned.append((window, target))
             return
@@ -928,7 +929,7 @@ class Pipeline:
                 "previous": self._probation["previous"].state_dict(),
                 "unlearned": [
                     (torch.from_numpy(w), torch.from_numpy(t))
-                    for w, t in self._probation.get("unlearned", [])
+                    for w, t in self._probation["unlearned"]
                 ],
             },
             "rng": {name: state.clone() for name, state in self._rng.items()},
