@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from neuralsync.bench.evolution import VARIANTS, format_seeds_table, format_table, run_ablation
 from neuralsync.cli import app
+from neuralsync.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_the_table_has_a_row_per_variant(report):
 
 
 def test_an_unknown_variant_is_refused():
-    with pytest.raises(ValueError, match="unknown variants"):
+    with pytest.raises(ConfigError, match="unknown variants"):
         run_ablation(quick=True, variants=["no brain"])
 
 
@@ -59,7 +60,7 @@ def test_several_seeds_report_the_ratio_at_each_and_how_often_evolution_was_lowe
 
 
 def test_scenarios_are_chosen_by_name():
-    with pytest.raises(ValueError, match="unknown scenarios"):
+    with pytest.raises(ConfigError, match="unknown scenarios"):
         run_ablation(quick=True, scenarios=["mars"])
-    with pytest.raises(ValueError, match="seeds: expected at least 1"):
+    with pytest.raises(ConfigError, match="seeds: expected at least 1"):
         run_ablation(quick=True, seeds=0)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from neuralsync.config import Scenario, load_scenario
+from neuralsync.errors import ConfigError
 from neuralsync.scenarios import bundled_dir
 
 __all__ = [
@@ -62,7 +63,7 @@ def _scenarios(
     names = names or (["default"] if quick else ["default", "etth2"])
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
-        raise ValueError(f"unknown scenarios {unknown}; expected some of {list(SCENARIOS)}")
+        raise ConfigError(f"unknown scenarios {unknown}; expected some of {list(SCENARIOS)}")
     found = []
     for name in names:
         if name != "etth2":
@@ -124,9 +125,9 @@ def run_ablation(
     names = variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
+        raise ConfigError(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
     if seeds < 1:
-        raise ValueError(f"seeds: expected at least 1, got {seeds}")
+        raise ConfigError(f"seeds: expected at least 1, got {seeds}")
     results: dict[str, dict[str, Any]] = {}
     for scenario, rows in _scenarios(quick, scenarios, log):
         runs: dict[str, Any] = {}
