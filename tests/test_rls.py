@@ -39,9 +39,45 @@ def test_rls_is_exact_discounted_ridge():
     gram = (x * weights[:, None]).T @ x + alpha * forgetting**40 * np.eye(5)
     expected = np.linalg.solve(gram, (x * weights[:, None]).T @ y)
     np.testing.assert_allclose(rls.W_, expected, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(rls.P_ * rls.scale_, np.linalg.inv(gram), rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(rls.covariance_, np.linalg.inv(gram), rtol=1e-6, atol=1e-10)
     with pytest.raises(ValueError, match="forgetting"):
         RLS(2, 1, forgetting=1.5)
+
+
+def test_rls_stays_exact_over_a_long_run_with_forgetting():
+    # With forgetting, rounding that makes P asymmetric grows by 1 / forgetting a step: an
+    # update of the full matrix drifted to errors of order 1 here after 6,000 rows.
+    rng = np.random.default_rng(2)
+    n, forgetting = 6000, 0.99
+    x = rng.normal(size=(n, 6))
+    y = x @ rng.normal(size=(6, 2)) + 0.1 * rng.normal(size=(n, 2))
+    rls = RLS(6, 2, alpha=1.0, forgetting=forgetting)
+    for i in range(n):
+        rls.learn(x[i : i + 1], y[i : i + 1])
+    weights = forgetting ** np.arange(n - 1, -1, -1)[:, None]
+    expected = np.linalg.solve((x * weights).T @ x, (x * weights).T @ y)
+    np.testing.assert_allclose(rls.W_, expected, rtol=1e-9, atol=1e-12)
+    covariance = rls.covariance_
+    assert np.array_equal(covariance, covariance.T)
+
+
+def test_rls_caps_the_variance_of_what_the_inputs_stop_exciting():
+    # Column 1 is zero, column 2 stops moving half-way: without a cap their variances grow
+    # by 1 / forgetting a block, and overflow (0.9 ** -8000 is beyond float64).
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8000, 3))
+    x[:, 1] = 0.0
+    x[4000:, 2] = 0.0
+    y = x @ np.array([[1.0], [0.0], [-1.0]])
+    rls = RLS(3, 1, alpha=4.0, forgetting=0.9)
+    for i in range(0, 8000, 2):
+        rls.learn(x[i : i + 2], y[i : i + 2])
+    variances = np.diagonal(rls.covariance_)
+    assert np.isfinite(rls.covariance_).all() and variances[0] < 0.1
+    np.testing.assert_allclose(variances[1:], 0.25)  # the prior's, 1 / alpha
+    assert np.all(np.linalg.eigvalsh(rls.covariance_) > 0)
+    np.testing.assert_allclose(rls.W_.ravel(), [1.0, 0.0, -1.0], atol=1e-9)
+    np.testing.assert_allclose(rls.predict(x[-5:]), y[-5:], atol=1e-9)
 
 
 # -- the RLS live model ------------------------------------------------------------------------
