@@ -74,6 +74,10 @@ class ModelConfig(_Strict):
     #: step and target, with whichever of the mixture, each expert alone and the last value has
     #: the lowest discounted out-of-sample squared error so far.
     rls_selection: Literal["mixture", "leader"] = "mixture"
+    #: With ``type: rls``: the window expert's inputs. ``levels``, the window's values as they
+    #: are; ``relative``, each column minus its last value (blind to levels, so it never
+    #: extrapolates a level the past never reached, but it cannot learn a pull towards one).
+    rls_window: Literal["levels", "relative"] = "levels"
 
 
 class DetectorConfig(_Strict):

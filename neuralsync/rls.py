@@ -7,8 +7,9 @@ observed value (NLinear's "subtract last"):
 
 - ``channel``: per-channel NLinear, one linear map from a channel's window (minus its last value)
   to its horizon, shared by every target channel, kept by RLS;
-- ``window``: one linear map from the whole flattened window (every input column, relative to
-  its last value) to every target's horizon, kept by RLS;
+- ``window``: one linear map from the whole flattened window (every input column, over its
+  levels; ``rls_window: relative`` takes them relative to their last value) to every target's
+  horizon, kept by RLS;
 - ``network``: the scenario's window MLP, learned by SGD as the plain learner learns it.
 
 The mixture is ``last + sum_e w[h, t, e] * change_e[h, t]``: for every step ``h`` and target
@@ -279,16 +280,19 @@ class RLSLearner(OnlineLearner):
         network -= last[:, None, ti]
         return np.stack([channel.transpose(0, 2, 1), window, network], axis=-1)
 
-    @staticmethod
-    def _window_features(windows: np.ndarray) -> np.ndarray:
-        """The window expert's inputs: every column relative to its last value, and a bias.
+    def _window_features(self, windows: np.ndarray) -> np.ndarray:
+        """The window expert's inputs: the flattened window (``rls_window``), and a bias.
 
-        Relative, like the other experts: a level the train rows never reached (ETTh2's test
-        period goes 51 standard deviations out) then changes nothing in the inputs, where raw
-        levels would make the linear map extrapolate.
+        Over levels by default: where a series is pulled towards a level (a temperature's
+        daily mean) the expert can learn it; where the stream leaves every level the past
+        reached (ETTh2's test period goes 51 standard deviations out), this expert alone
+        extrapolates, and the mixture leans on the others (docs/benchmarks.md). ``relative``
+        takes every column minus its last value, as the other experts do.
         """
-        rel = windows - windows[:, -1:, :]
-        return np.concatenate([rel.reshape(len(rel), -1), np.ones((len(rel), 1))], axis=1)
+        if self.config.rls_window == "relative":
+            windows = windows - windows[:, -1:, :]
+        flat = windows.reshape(len(windows), -1)
+        return np.concatenate([flat, np.ones((len(windows), 1))], axis=1)
 
     def _mixture_weights(self) -> np.ndarray:
         """Least-squares weights per step and target, shrunk towards equal weights."""
@@ -440,6 +444,11 @@ class RLSLearner(OnlineLearner):
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str) -> RLSLearner:
+        spec = state["spec"]
+        if "rls_window" not in spec["config"]:
+            # Written before the setting existed, when the window expert's inputs were relative.
+            spec = {**spec, "config": {**spec["config"], "rls_window": "relative"}}
+            state = {**state, "spec": spec}
         learner = super().from_state_dict(state, device)
         rls = state["rls"]
         learner.channel_.load_state_dict(rls["channel"])

@@ -8,7 +8,7 @@ import torch
 
 from neuralsync import OnlineForecaster
 from neuralsync.config import ModelConfig
-from neuralsync.rls import CANDIDATES, RLS, RLSLearner, learner_from_state_dict
+from neuralsync.rls import CANDIDATES, EXPERTS, RLS, RLSLearner, learner_from_state_dict
 
 
 def _series(n: int, d: int = 3, seed: int = 0) -> np.ndarray:
@@ -132,16 +132,56 @@ def test_rls_learner_beats_its_network_alone_and_never_looks_ahead():
     assert not np.array_equal(after[1000:], before[1000:], equal_nan=True)
 
 
-def test_window_expert_ignores_a_level_shift():
-    """Every expert sees the window relative to its last value: a level the train rows never
-    reached (ETTh2's test period) shifts the forecast by that level and changes nothing else."""
+def test_relative_window_expert_ignores_a_level_shift():
+    """With ``rls_window: relative`` every expert sees the window relative to its last value: a
+    level the past never reached (ETTh2's test period) shifts the forecast by that level and
+    changes nothing else."""
     torch.manual_seed(0)
     x, y = _windows(200)
-    learner = RLSLearner(ModelConfig(type="rls"), 3, 12, 2, [0, 1, 2])
+    learner = RLSLearner(ModelConfig(type="rls", rls_window="relative"), 3, 12, 2, [0, 1, 2])
     for i in range(150):
         learner.learn(x[i : i + 1], y[i : i + 1])
     shifted = learner.predict(x[150:160] + 50.0) - 50.0
     np.testing.assert_allclose(shifted, learner.predict(x[150:160]), atol=1e-3)
+
+
+def test_window_expert_over_levels_learns_a_pull_towards_a_level():
+    # AR(1) around a level of 2, halfway back each step: the next change is -(x - 2) / 2 plus
+    # noise. Relative to its last value a window of two shows only x[t-1] - x[t], which tells
+    # a quarter of that pull's variance.
+    rng = np.random.default_rng(0)
+    series = np.empty(3000)
+    series[0] = 2.0
+    for t in range(1, 3000):
+        series[t] = 2.0 + 0.5 * (series[t - 1] - 2.0) + 0.5 * rng.normal()
+    x = np.stack([series[i : i + 2] for i in range(2990)])[..., None]
+    y = series[2:2992, None, None]
+    errors = {}
+    for inputs in ("levels", "relative"):
+        torch.manual_seed(0)
+        learner = RLSLearner(ModelConfig(type="rls", rls_window=inputs), 1, 2, 1, [0])
+        window_errors = []
+        for i in range(2990):
+            if i >= 2000:
+                change = learner.candidates(x[i : i + 1])[0, 0, 0, 1 + EXPERTS.index("window")]
+                window_errors.append((x[i, -1, 0] + change - y[i, 0, 0]) ** 2)
+            learner.learn(x[i : i + 1], y[i : i + 1])
+        errors[inputs] = np.mean(window_errors)
+    # The best forecast's error is the noise's variance, 0.25; without the level, 0.3125.
+    assert errors["levels"] < 0.26 < 0.28 < errors["relative"]
+
+
+def test_a_checkpoint_from_before_rls_window_keeps_relative_inputs():
+    torch.manual_seed(0)
+    x, y = _windows(60)
+    learner = RLSLearner(ModelConfig(type="rls", rls_window="relative"), 3, 12, 2, [0, 1, 2])
+    for i in range(50):
+        learner.learn(x[i : i + 1], y[i : i + 1])
+    state = learner.state_dict()
+    del state["spec"]["config"]["rls_window"]  # as written before the setting existed
+    twin = learner_from_state_dict(state, "cpu")
+    assert twin.config.rls_window == "relative"
+    np.testing.assert_array_equal(twin.predict(x[50:60]), learner.predict(x[50:60]))
 
 
 def test_with_network_keeps_the_experts_and_survives_a_checkpoint():
