@@ -128,8 +128,12 @@ class RLS:
     @property
     def covariance_(self) -> np.ndarray:
         """The inverse information matrix ``scale_ * P_``, as a full symmetric matrix."""
+        return self.scale_ * self._symmetric_P()
+
+    def _symmetric_P(self) -> np.ndarray:
+        """``P_`` with its lower triangle filled from the upper one (the only one kept)."""
         upper = np.triu(self.P_)
-        return self.scale_ * (upper + np.triu(upper, 1).T)
+        return upper + np.triu(upper, 1).T
 
     def fit(self, X: np.ndarray, Y: np.ndarray) -> RLS:
         """The ridge solution over rows ``X``, ``Y``: the state RLS reaches with forgetting 1."""
@@ -171,10 +175,9 @@ class RLS:
 
     def state_dict(self) -> dict[str, Any]:
         # P and its scale apart, not their product: a resumed run must end bit-identical.
-        upper = np.triu(self.P_)
         return {
             "W": torch.from_numpy(self.W_.copy()),
-            "P": torch.from_numpy(upper + np.triu(upper, 1).T),
+            "P": torch.from_numpy(self._symmetric_P()),
             "scale": float(self.scale_),
         }
 

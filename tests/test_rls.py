@@ -8,7 +8,7 @@ import torch
 
 from neuralsync import OnlineForecaster
 from neuralsync.config import ModelConfig
-from neuralsync.rls import CANDIDATES, EXPERTS, RLS, RLSLearner, learner_from_state_dict
+from neuralsync.rls import CANDIDATES, RLS, RLSLearner, learner_from_state_dict
 
 
 def _series(n: int, d: int = 3, seed: int = 0) -> np.ndarray:
@@ -163,7 +163,7 @@ def test_window_expert_over_levels_learns_a_pull_towards_a_level():
         window_errors = []
         for i in range(2990):
             if i >= 2000:
-                change = learner.candidates(x[i : i + 1])[0, 0, 0, 1 + EXPERTS.index("window")]
+                change = learner.candidates(x[i : i + 1])[0, 0, 0, CANDIDATES.index("window")]
                 window_errors.append((x[i, -1, 0] + change - y[i, 0, 0]) ** 2)
             learner.learn(x[i : i + 1], y[i : i + 1])
         errors[inputs] = np.mean(window_errors)
