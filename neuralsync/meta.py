@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
-from neuralsync.base import Adapter, Proposal, RegimeChange
+from neuralsync.base import Adapter, Deferred, Proposal, RegimeChange
 from neuralsync.config import MetaConfig, Scenario
 from neuralsync.learner import OnlineLearner
 
@@ -408,7 +409,7 @@ class MetaAdapter(Adapter):
         live: OnlineLearner,
         support_x: torch.Tensor,
         support_y: torch.Tensor,
-    ) -> Proposal:
+    ) -> Proposal | Deferred:
         started = time.perf_counter()
         c = self.config
         device = live.device
@@ -437,20 +438,6 @@ class MetaAdapter(Adapter):
             self.meta_updates_ += 1
         window_x, window_y = support_x[-c.support_window :], support_y[-c.support_window :]
         adapted = meta.adapt(window_x, window_y)
-        if hasattr(live, "with_network"):
-            # A live model with more than its network (rls): only its network is adapted.
-            module = copy.deepcopy(live.module_)
-            with torch.no_grad():
-                for name, param in module.named_parameters():
-                    param.copy_(adapted[name])
-            proposal = live.with_network(module)
-        else:
-            proposal = OnlineLearner(
-                live.config, live.n_inputs, live.lookback, live.horizon, live.target_index, device
-            )
-            with torch.no_grad():
-                for name, param in proposal.module_.named_parameters():
-                    param.copy_(adapted[name])
         before = float(mse_loss(meta.module, meta.init, window_x, window_y))
         after_loss = float(mse_loss(meta.module, adapted, window_x, window_y))
         self.changes_ += 1
@@ -468,7 +455,42 @@ class MetaAdapter(Adapter):
             "meta_query_mse": losses[-1] if losses else None,
             "memory_segments": len(self.memory),
         }
+        if hasattr(live, "with_network"):
+            # A live model with more than its network (rls): only its network is adapted, and
+            # the proposal keeps the live linear experts, which have already learned the
+            # canary window. Judged on it, the proposal would win on hindsight (and, accepted,
+            # learn it twice), so it is judged later, on samples neither model has seen.
+            job = {
+                "live": copy.deepcopy(live.state_dict()),
+                "network": {k: v.detach().clone() for k, v in adapted.items()},
+                "details": details,
+                "device": str(device),
+            }
+            return self.resume(job)
+        proposal = OnlineLearner(
+            live.config, live.n_inputs, live.lookback, live.horizon, live.target_index, device
+        )
+        with torch.no_grad():
+            for name, param in proposal.module_.named_parameters():
+                param.copy_(adapted[name])
         return Proposal(proposal, self.name, details, event="meta_adapt")
+
+    def resume(self, job: dict[str, Any]) -> Deferred:
+        """The proposal ``job`` describes, already worked out: an rls live model, as it was at
+        the consultation, with the adapted network. Nothing runs in the background; the
+        pipeline delivers it a canary window later."""
+        from neuralsync.rls import learner_from_state_dict
+
+        live = learner_from_state_dict(job["live"], torch.device(job["device"]))
+        module = copy.deepcopy(live.module_)
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                param.copy_(job["network"][name])
+        future: Future[Proposal | None] = Future()
+        future.set_result(
+            Proposal(live.with_network(module), self.name, dict(job["details"]), event="meta_adapt")
+        )
+        return Deferred(future, job)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -606,9 +606,12 @@ class Pipeline:
 
     def _defer(self, adapter: Adapter, change: RegimeChange, deferred: Deferred) -> None:
         labelled = self.counts_["labelled"]
-        # Delivered no earlier than a full canary window later: the gate then judges the
-        # result on samples the background work cannot have seen.
-        delay = max(int(adapter.result_delay), self.scenario.adaptation.canary_size)
+        # Delivered no earlier than a full canary window later, past the gap of forecasts
+        # issued before the work started (label delay): the gate then judges the result on
+        # as many samples as a synchronous proposal's, none of which the work can have seen.
+        delay = max(
+            int(adapter.result_delay), self.scenario.adaptation.canary_size + self._overlap()
+        )
         where = [change.position, change.stream_time, change.key, change.detector]
         self._deferred.append([labelled + delay, labelled, adapter.name, *where, deferred])
         self._deferred.sort(key=lambda entry: entry[0])

@@ -327,6 +327,35 @@ def test_a_run_stopped_between_a_detection_and_its_adaptation_resumes_bit_identi
     assert straight.state_dict()["adapters"]["meta"]["learner"] is not None
 
 
+def test_an_rls_proposal_is_judged_on_samples_after_the_consultation_and_resumes_exactly():
+    """An rls live model's experts have already learned the canary window; a proposal that
+    copies them is deferred and judged on the next samples instead, after catching up on them
+    as the live model did. A run stopped while it is pending resumes bit-identically."""
+    scenario = _meta_scenario(model={"type": "rls", "hidden": [4], "lr": 0.005})
+    frame = _switching_frame()
+    straight = Pipeline(scenario, adapters=build_adapters(scenario))
+    events = []
+    straight.events.subscribe(lambda e: events.append(e.to_dict()))
+    expected = _feed(straight, frame)
+    started = [e for e in events if e["type"] == "adaptation_started"]
+    judged = [e for e in events if e["type"] == "meta_adapt"]
+    assert started and len(judged) == len(started)
+    for start, verdict in zip(started, judged, strict=True):
+        assert start["adapter"] == "meta" and start["deliver_after_samples"] == 16
+        assert verdict["position"] >= start["position"] + 16
+
+    stop = started[0]["position"] + 5
+    first = Pipeline(scenario, adapters=build_adapters(scenario))
+    head = _feed(first, frame.iloc[:stop])
+    snapshot = copy.deepcopy(first.state_dict())
+    assert [entry[2] for entry in snapshot["deferred"]] == ["meta"]
+    second = Pipeline(scenario, adapters=build_adapters(scenario))
+    second.load_state_dict(snapshot)
+    tail = _feed(second, frame, start=stop)
+    assert head + tail == expected
+    assert state_digest(second.state_dict()) == state_digest(straight.state_dict())
+
+
 def test_the_command_line_switches_meta_adaptation_off(tmp_path):
     import json
 
