@@ -30,7 +30,7 @@ def _mlp() -> nn.Module:
 
 HISTORY_FIELDS = {
     "generation", "best_fitness", "mean_fitness", "best_before_learning", "parent_fitness",
-    "sigma", "diversity", "samples_seen", "wall_seconds",
+    "sigma", "diversity", "samples_seen", "wall_seconds", "lr", "diverged",
 }  # fmt: skip
 
 
@@ -88,6 +88,41 @@ def test_hybrid_es_without_validation_scores_on_training_rows():
         es.fit(x, y, x_val=x)
     with pytest.raises(ValueError, match="noise must be"):
         HybridES(_mlp, noise="gaussian")
+
+
+def test_a_self_adapted_learning_rate_recovers_from_one_set_too_small_or_too_large():
+    """With ``lr_sigma`` the learning rate is inherited and mutated: started too small it
+    rises, started so large that SGD wrecks the network it falls; both runs end with a lower
+    loss than the same runs with the rate fixed."""
+    x, y, xv, yv = _regression()
+
+    def run(lr, lr_sigma):
+        es = HybridES(_mlp, population=6, life_steps=10, generations=12, lr=lr,
+                      lr_sigma=lr_sigma, batch_size=32, seed=0)  # fmt: skip
+        return es.fit(x, y, xv, yv)
+
+    for lr in (0.001, 2.0):
+        fixed, adapted = run(lr, 0.0), run(lr, 0.7)
+        rates = [r["lr"] for r in adapted.history_]
+        assert {r["lr"] for r in fixed.history_} == {lr} and fixed.lr_ == lr
+        assert adapted.lr_ == rates[-1] and len(set(rates)) > 1
+        if lr < 0.01:
+            assert max(rates) > 10 * lr
+        else:
+            assert max(rates) < lr / 2
+        assert adapted.best_fitness_ < fixed.best_fitness_ - 0.03
+    with pytest.raises(ValueError, match="lr_sigma"):
+        HybridES(_mlp, lr_sigma=-1.0)
+
+
+def test_a_generation_whose_children_all_diverge_keeps_its_parent_and_halves_the_rate():
+    x, y, xv, yv = _regression()
+    es = HybridES(_mlp, population=4, life_steps=10, generations=4, lr=1e6, lr_sigma=0.1,
+                  batch_size=32, seed=0).fit(x, y, xv, yv)  # fmt: skip
+    first = es.history_[0]
+    assert first["diverged"] and first["lr"] == 5e5
+    assert [r["parent_fitness"] for r in es.history_] == [first["parent_fitness"]] * 4
+    assert all(torch.isfinite(p).all() for p in es.parent_.parameters())
 
 
 def _bowl(params, seed):

@@ -185,11 +185,17 @@ def plain_sgd(
 
 
 def _hybrid(
-    data: Mnist, config: dict[str, Any], batch: int, seed: int, log: Log, lr: float | None = None
+    data: Mnist,
+    config: dict[str, Any],
+    batch: int,
+    seed: int,
+    log: Log,
+    lr: float | None = None,
+    lr_sigma: float = 0.0,
 ) -> dict[str, Any]:
     """One HybridES run; per generation the winner's test and train accuracy beside the
     strategy's own history."""
-    settings = {**HYBRID, **({"lr": lr} if lr is not None else {})}
+    settings = {**HYBRID, **({"lr": lr} if lr is not None else {}), "lr_sigma": lr_sigma}
     es = HybridES(
         mnist_mlp, population=config["population"], life_steps=config["life_steps"],
         generations=config["generations"], batch_size=batch, seed=seed, **settings,

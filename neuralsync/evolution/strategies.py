@@ -87,6 +87,12 @@ class HybridES:
     a generation improved the best fitness so far and grows after ``patience`` generations
     without (:class:`~neuralsync.evolution.operators.AdaptiveSigma`).
 
+    With ``lr_sigma > 0`` the learning rate is part of the genome too (log-normal
+    self-adaptation, as in classic evolution strategies): each child trains with the parent's
+    learning rate times ``exp(lr_sigma × N(0, 1))``, and the winner passes its rate on. A
+    learning rate that is too small or too large is then corrected by selection, where plain
+    SGD stays where it was set. Off by default (the published design).
+
     Parameters
     ----------
     model
@@ -101,6 +107,9 @@ class HybridES:
         within ``[sigma0 / 100, sigma0 * 100]``.
     lr, lr_decay, momentum, weight_decay, grad_clip, batch_size
         Within-life SGD: step ``t`` of a life uses ``lr * lr_decay**t``.
+    lr_sigma
+        Spread of the children's log learning rates around the parent's (0: every child uses
+        ``lr``).
     select
         ``"loss"`` (lowest fitness loss) or ``"metric"`` (highest ``metric``, given to fit).
     eval_size
@@ -118,12 +127,16 @@ class HybridES:
         ``parent_fitness`` (the parent it came from), ``sigma`` (used for this generation),
         ``diversity`` (mean pairwise Euclidean distance between the children's parameter
         vectors, after learning), ``samples_seen`` (cumulative training samples),
-        ``wall_seconds`` (cumulative), and ``metric`` (the best child's) when a metric is given.
+        ``wall_seconds`` (cumulative), ``lr`` (the next parent's learning rate: the best
+        child's), ``diverged`` (every child's fitness was not finite, so the parent stayed),
+        and ``metric`` (the best child's) when a metric is given.
     parent_
         The current parent (the last generation's best child, as it learned); already set
         when ``callback`` is called, so a callback can score it, e.g. on test data.
     best_model_, best_fitness_
         The fittest model seen, and its fitness.
+    lr_
+        The current parent's learning rate (``lr`` unless ``lr_sigma > 0``).
 
     Examples
     --------
@@ -158,6 +171,7 @@ class HybridES:
         weight_decay: float = 0.0,
         grad_clip: float | None = None,
         batch_size: int = 64,
+        lr_sigma: float = 0.0,
         select: str = "loss",
         eval_size: int = 2048,
         backend: str = "auto",
@@ -174,6 +188,8 @@ class HybridES:
             raise ValueError(f"HybridES: noise must be 'absolute' or 'relative', got {noise!r}")
         if select not in ("loss", "metric"):
             raise ValueError(f"HybridES: select must be 'loss' or 'metric', got {select!r}")
+        if not lr > 0 or lr_sigma < 0:
+            raise ValueError(f"HybridES: expected lr > 0 and lr_sigma >= 0, got {lr}, {lr_sigma}")
         self.model = model
         self.population = population
         self.life_steps = life_steps
@@ -190,6 +206,7 @@ class HybridES:
         self.weight_decay = weight_decay
         self.grad_clip = grad_clip
         self.batch_size = batch_size
+        self.lr_sigma = lr_sigma
         self.select = select
         self.eval_size = eval_size
         self.backend = backend
@@ -244,6 +261,7 @@ class HybridES:
         self.best_fitness_ = parent_fitness
         self.history_: list[dict[str, Any]] = []
         samples, start = 0, time.perf_counter()
+        parent_lr = self.lr
         for generation in range(self.generations):
             used_sigma = sigma.sigma_
             children = [
@@ -251,12 +269,16 @@ class HybridES:
                              generator)
                 for k in range(self.population)
             ]  # fmt: skip
+            rates = torch.full((self.population,), parent_lr, dtype=torch.float64)
+            if self.lr_sigma > 0:
+                z = torch.randn(self.population, generator=generator, dtype=torch.float64)
+                rates = rates * torch.exp(self.lr_sigma * z)
             trainer = PopulationTrainer(children, self.backend)
             before = trainer.evaluate(x_val, y_val, loss)
             if self.life_steps > 0:
                 trainer.train(
                     x_train, y_train, steps=self.life_steps, batch_size=self.batch_size,
-                    lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                    lr=rates.tolist(), momentum=self.momentum, weight_decay=self.weight_decay,
                     grad_clip=self.grad_clip, lr_decay=self.lr_decay, generator=generator,
                     loss=loss_fn,
                 )  # fmt: skip
@@ -267,7 +289,11 @@ class HybridES:
             scores = None
             if metric is not None:
                 scores = torch.tensor([float(metric(p, y_val)) for p in predictions])
-            best = int(fitness.argmin()) if self.select == "loss" else int(scores.argmax())
+            if self.select == "loss":
+                best = int(fitness.argmin())
+            else:  # a diverged child's accuracy is chance, not a reason to pick it
+                best = int(scores.masked_fill(~torch.isfinite(fitness), -math.inf).argmax())
+            diverged = not math.isfinite(float(fitness[best]))
             improved = float(fitness[best]) < self.best_fitness_
             if improved:
                 self.best_fitness_ = float(fitness[best])
@@ -283,15 +309,24 @@ class HybridES:
                 "parent_fitness": parent_fitness,
                 "sigma": used_sigma,
                 "diversity": spread,
+                "diverged": diverged,
                 "samples_seen": samples,
                 "wall_seconds": time.perf_counter() - start,
             }
             if scores is not None:
                 record["metric"] = float(scores[best])
             self.history_.append(record)
-            parent, parent_fitness = children[best], float(fitness[best])
+            if diverged:
+                # Every child diverged: the parent stays. Divergence is the one unambiguous
+                # sign that the learning rate is too large, so a self-adapted one is halved.
+                if self.lr_sigma > 0:
+                    parent_lr /= 2.0
+            else:
+                parent, parent_fitness = children[best], float(fitness[best])
+                parent_lr = float(rates[best])
+            record["lr"] = parent_lr
             # Set before the callback, so that it can score the generation's winner.
-            self.parent_, self.sigma_ = parent, sigma.sigma_
+            self.parent_, self.sigma_, self.lr_ = parent, sigma.sigma_, parent_lr
             if callback is not None:
                 callback(record)
         return self
