@@ -125,17 +125,21 @@ def test_hybrid_es_quick_run_on_synthetic_digits(tmp_path):
             assert record["diversity"] > 0
         assert run["best_test_accuracy"] >= run["final_test_accuracy"] > 0.2  # chance 0.1
         assert run["sgd"]["samples"] == run["samples"]
-    assert len(report["robustness"]) == 3
+    robustness = report["robustness"]
+    assert [(row["lr"], row["seed"]) for row in robustness] == [(0.01, 0), (0.2, 0), (0.2, 1)]
+    for row in robustness:
+        assert 0 < row["hybrid_lr_adapted"] <= 1 and row["final_lr"] > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["runs"][0]["history"] == json.loads(json.dumps(report["runs"][0]["history"]))
     for plot in report["plots"]:
         assert os.path.getsize(plot) > 5_000
     assert {os.path.basename(p) for p in report["plots"]} == {
         "seeds_hybrid_accuracy.png", "seeds_hybrid_sigma.png", "seeds_hybrid_gain.png",
-        "seeds_hybrid_diversity.png",
+        "seeds_hybrid_diversity.png", "seeds_hybrid_lr.png",
     }  # fmt: skip
     text = format_hybrid_es(report)
     assert "published-p15" in text and "SGD" in text and "quick" in text
+    assert "lr-adapted" in text and "worst over the learning rates" in text
     assert any("gen" in line for line in lines)
 
 

@@ -73,8 +73,12 @@ BATCH = 128
 #: Within-life SGD and mutation settings shared by every hybrid run; plain SGD uses the same
 #: learning rate, constant.
 HYBRID = {"lr": 0.2, "lr_decay": 0.995, "sigma0": 0.05, "noise": "relative"}
-ROBUST_LRS = (0.05, 0.8)
+#: Starting learning rates of the robustness section, from 20x too small to one that makes
+#: plain SGD diverge (0.2 is the main runs').
+ROBUST_LRS = (0.01, 0.05, 0.8, 3.2)
 ROBUST_SEEDS = (1, 2)
+#: The robustness section's third method: HybridES with its learning rate in the genome.
+LR_SIGMA = 0.5
 TARGETS = {"reproduce": (0.918, 15_360_000), "efficient": (0.918, 1_536_000),
            "high": (0.97, 15_360_000)}  # fmt: skip
 
@@ -312,21 +316,36 @@ def run_hybrid_es(
     return report
 
 
+def _quiet(_: str) -> None:
+    """A log that drops its lines."""
+
+
 def _robustness(data, efficient, batch, lrs, seeds, main, log) -> list[dict[str, Any]]:
-    """The efficient budget at other learning rates and seeds: hybrid and SGD side by side."""
-    rows = [{"lr": HYBRID["lr"], "seed": 0, "hybrid": main["final_test_accuracy"],
-             "sgd": main["sgd"]["test_accuracy"], "samples": main["samples"]}]  # fmt: skip
-    for lr, seed in [*((lr, 0) for lr in lrs), *((HYBRID["lr"], s) for s in seeds)]:
+    """The efficient budget at other starting learning rates and seeds: HybridES as
+    published, HybridES with a self-adapted learning rate (``lr_sigma``) and plain SGD, side
+    by side; rows sorted by learning rate, then seed."""
+    cases = [(HYBRID["lr"], 0), *((lr, 0) for lr in lrs), *((HYBRID["lr"], s) for s in seeds)]
+    rows = []
+    for lr, seed in cases:
         log(f"robustness: lr {lr}, seed {seed}")
-        run = _hybrid(data, efficient, batch, seed, lambda _: None, lr=lr)
-        sgd = plain_sgd(data, lr=lr, batch_size=batch, checkpoints=[run["samples"]], seed=seed)
+        main_case = (lr, seed) == (HYBRID["lr"], 0)
+        run = main if main_case else _hybrid(data, efficient, batch, seed, _quiet, lr=lr)
+        adapted = _hybrid(data, efficient, batch, seed, _quiet, lr=lr, lr_sigma=LR_SIGMA)
+        if main_case:
+            sgd_accuracy = main["sgd"]["test_accuracy"]
+        else:
+            sgd = plain_sgd(data, lr=lr, batch_size=batch, checkpoints=[run["samples"]], seed=seed)
+            sgd_accuracy = sgd["checkpoints"][0]["test_accuracy"]
         row = {
             "lr": lr, "seed": seed, "hybrid": run["final_test_accuracy"],
-            "sgd": sgd["checkpoints"][0]["test_accuracy"], "samples": run["samples"],
+            "hybrid_lr_adapted": adapted["final_test_accuracy"],
+            "final_lr": adapted["history"][-1]["lr"], "sgd": sgd_accuracy,
+            "samples": run["samples"],
         }  # fmt: skip
-        log(f"  hybrid {row['hybrid']:.4f}  SGD {row['sgd']:.4f}")
+        log(f"  hybrid {row['hybrid']:.4f}  lr-adapted {row['hybrid_lr_adapted']:.4f} (ends at "
+            f"lr {row['final_lr']:.3g})  SGD {row['sgd']:.4f}")  # fmt: skip
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda row: (row["lr"], row["seed"]))
 
 
 def _targets(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -394,6 +413,22 @@ def _plot_hybrid(report: dict[str, Any], out: Path) -> list[str]:
         ax.set(xlabel="generation", ylabel=label, title=f"HybridES on MNIST: {label}")
         ax.legend(fontsize=7)
         paths.append(_save(figure, out / name))
+
+    figure = _figure()
+    ax = figure.add_subplot()
+    seed0 = [row for row in report["robustness"] if row["seed"] == 0]
+    rates = [row["lr"] for row in seed0]
+    for key, label, colour in (
+        ("hybrid", "HybridES (published)", "tab:blue"),
+        ("hybrid_lr_adapted", f"HybridES, lr self-adapted (lr_sigma {LR_SIGMA})", "tab:green"),
+        ("sgd", "plain SGD", "black"),
+    ):
+        ax.plot(rates, [row[key] for row in seed0], marker="o", color=colour, label=label)
+    ax.set_xscale("log")
+    title = f"MNIST at {_m(seed0[0]['samples'])} samples: robustness to the learning rate"
+    ax.set(xlabel="starting learning rate (log)", ylabel="final test accuracy", title=title)
+    ax.legend(fontsize=7, loc="lower left")
+    paths.append(_save(figure, out / "seeds_hybrid_lr.png"))
     return paths
 
 
@@ -427,10 +462,19 @@ def format_hybrid_es(report: dict[str, Any]) -> str:
             f"{sgd['accuracy_per_million_samples']:>7.4f} {sgd['wall_seconds']:>7.0f} | "
             + (f"{published:>9.4f}" if published else f"{'':>9}")
         )
-    lines.append("robustness at the efficient budget (final test accuracy):")
-    lines.append(f"  {'lr':>6} {'seed':>4} {'hybrid':>7} {'SGD':>7}")
+    lines.append(
+        "robustness at the efficient budget (final test accuracy; lr-adapted: "
+        f"HybridES with lr_sigma {LR_SIGMA}, its last learning rate in brackets):"
+    )
+    lines.append(f"  {'lr':>6} {'seed':>4} {'hybrid':>7} {'lr-adapted':>18} {'SGD':>7}")
     for row in report["robustness"]:
-        lines.append(f"  {row['lr']:>6} {row['seed']:>4} {row['hybrid']:>7.4f} {row['sgd']:>7.4f}")
+        adapted = f"{row['hybrid_lr_adapted']:.4f} ({row['final_lr']:.2g})"
+        lines.append(f"  {row['lr']:>6} {row['seed']:>4} {row['hybrid']:>7.4f} {adapted:>18} "
+                     f"{row['sgd']:>7.4f}")  # fmt: skip
+    seed0 = [row for row in report["robustness"] if row["seed"] == 0]
+    worst = {k: min(row[k] for row in seed0) for k in ("hybrid", "hybrid_lr_adapted", "sgd")}
+    lines.append(f"  worst over the learning rates: hybrid {worst['hybrid']:.4f}, lr-adapted "
+                 f"{worst['hybrid_lr_adapted']:.4f}, SGD {worst['sgd']:.4f}")  # fmt: skip
     for key, target in report["targets"].items():
         verdict = (
             f"met by {target['run']} at {_m(target['samples'])}" if target["met"] else "NOT met"
