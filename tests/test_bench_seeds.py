@@ -157,7 +157,7 @@ def test_resonance_gpt_quick_run_gives_every_method_the_same_budget(tmp_path):
         summary = report["summary"][method]["report_bpc"]
         assert summary["min"] <= summary["mean"] <= summary["max"]
     # Defaults never move; random search never moves; resonance+ starts one member at them.
-    for row in report["runs"]["defaults"]:
+    for row in [*report["runs"]["defaults"], *report["runs"]["defaults-long"]]:
         for record in row["history"]:
             for member in record["members"]:
                 assert member["lr"] == pytest.approx(GPT_DEFAULTS["lr"])
@@ -171,10 +171,15 @@ def test_resonance_gpt_quick_run_gives_every_method_the_same_budget(tmp_path):
     random0 = report["runs"]["random"][0]["history"][0]["members"]
     resonance0 = report["runs"]["resonance"][0]["history"][0]["members"]
     assert [m["lr"] for m in random0] == [m["lr"] for m in resonance0]
+    # The other reading of the defaults: one model, every step of the budget.
+    for row in report["runs"]["defaults-long"]:
+        assert all(len(record["members"]) == 1 for record in row["history"])
+        assert row["best_params"]["lr"] == pytest.approx(GPT_DEFAULTS["lr"])
     assert set(report["verdict"]) == {
-        "resonance vs random", "resonance vs defaults", "resonance+ vs random",
-        "resonance+ vs defaults",
-    }  # fmt: skip
+        f"{variant} vs {baseline}"
+        for variant in ("resonance", "resonance+")
+        for baseline in ("random", "defaults", "defaults-long")
+    }
     assert len(report["plots"]) == 2 and all(os.path.getsize(p) > 5_000 for p in report["plots"])
     text = format_resonance_gpt(report)
     assert "resonance+" in text and "±" in text

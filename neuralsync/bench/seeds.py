@@ -86,8 +86,10 @@ TARGETS = {"reproduce": (0.918, 15_360_000), "efficient": (0.918, 1_536_000),
 GPT_DEFAULTS = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.01}
 #: ``resonance`` is the published rule; ``resonance+`` adds selection (the worst quarter copy
 #: the best quarter's weights and hyperparameters each generation), starts one member at
-#: the defaults, and does not cool its learning-rate annealing.
-GPT_METHODS = ("defaults", "random", "resonance", "resonance+")
+#: the defaults, and does not cool its learning-rate annealing. ``defaults-long`` is the other
+#: reading of "the defaults at the same budget": one model at the defaults, trained for every
+#: step the populations spread over their members.
+GPT_METHODS = ("defaults", "random", "resonance", "resonance+", "defaults-long")
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -517,8 +519,11 @@ def _gpt_method(method: str, settings: dict[str, Any], vocab: int, seed: int) ->
         "batch_size": settings["batch_size"], "optimizer": "adamw", "beta2": 0.99,
         "grad_clip": 1.0, "backend": "vmap", "seed": seed,
     }  # fmt: skip
-    if method == "defaults":
+    if method in ("defaults", "defaults-long"):
         point = {name: (value, value) for name, value in GPT_DEFAULTS.items()}
+        if method == "defaults-long":  # the same budget, on one model
+            common["steps_per_generation"] *= common["population"]
+            common["population"] = 1
         return ResonanceHPO(**common, ranges=point, mutation_rate=0.0, resonance_factor=1.0,
                             anneal=None)  # fmt: skip
     if method == "random":  # the same initial draws as ResonanceHPO's, frozen
@@ -616,7 +621,7 @@ def _gpt_verdict(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per resonance variant and baseline: on how many seeds it was lower, and in the mean."""
     verdict = {}
     for variant in ("resonance", "resonance+"):
-        for baseline in ("random", "defaults"):
+        for baseline in ("random", "defaults", "defaults-long"):
             pairs = list(zip(results[variant], results[baseline], strict=True))
             wins = sum(a["report_bpc"] < b["report_bpc"] for a, b in pairs)
             mean = statistics.fmean(a["report_bpc"] - b["report_bpc"] for a, b in pairs)
@@ -629,7 +634,7 @@ def _gpt_verdict(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def _plot_gpt(report: dict[str, Any], out: Path) -> list[str]:
     colours = {"defaults": "black", "random": "tab:orange", "resonance": "tab:blue",
-               "resonance+": "tab:green"}  # fmt: skip
+               "resonance+": "tab:green", "defaults-long": "tab:grey"}  # fmt: skip
     paths = []
     figure = _figure()
     ax = figure.add_subplot()
