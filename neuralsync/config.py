@@ -182,7 +182,8 @@ class EvolutionConfig(_Strict):
     #: Labelled samples between the start of a search and the delivery of its result. In
     #: ``deterministic`` mode the stream waits there for a search that has not finished, so
     #: every run makes the same swaps at the same positions; ``latency`` mode delivers as
-    #: soon as the result is ready (at least ``canary_size`` samples later).
+    #: soon as the result is ready. Either way no sooner than ``canary_size`` samples, plus
+    #: the label delay's gap, after the start: the gate judges a full canary window.
     result_delay: Annotated[int, Field(gt=0)] = 192
     #: The winner goes live with its own optimiser genes (learning rate, momentum, weight
     #: decay, batch size, clip). False (the default) keeps the live model's: the genes were

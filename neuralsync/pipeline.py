@@ -628,7 +628,7 @@ class Pipeline:
             early = (
                 adapter is not None
                 and adapter.deliver_when_ready
-                and labelled - started >= canary_size
+                and labelled - started >= canary_size + self._overlap()
                 and deferred.future.done()
             )
             if labelled < due and not early:

@@ -815,6 +815,35 @@ def test_a_copy_of_the_live_model_is_judged_as_the_live_model_whatever_the_label
         assert end["previous_mse"] == pytest.approx(end["live_mse"], rel=1e-5)
 
 
+class _LiveCopyNow(_LiveCopyLater):
+    """Defers without a delay of its own (as meta-adaptation does for an rls live model)."""
+
+    result_delay = 0
+
+
+@pytest.mark.parametrize("horizon", [1, 4])
+def test_work_deferred_without_a_delay_is_judged_on_a_full_canary_window_past_the_gap(horizon):
+    gate = _RecordingGate()
+    scenario = _scenario(
+        features=[],
+        horizon=horizon,
+        model={"hidden": [16], "fast_path": False},
+        detector={"type": "adwin"},
+        adaptation={"canary_size": 8},
+    )
+    pipeline = Pipeline(scenario, adapters=[_LiveCopyNow()], gate=gate)
+    events: list[dict] = []
+    pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
+    for batch in DataFrameSource(_shift_frame(), timestamp="t", columns=["y"], chunk_size=50):
+        pipeline.process(batch)
+    started = [e for e in events if e["type"] == "adaptation_started"]
+    assert gate.seen and started
+    assert {e["deliver_after_samples"] for e in started} == {8 + horizon - 1}
+    for candidate, live, n in gate.seen:
+        assert len(candidate) == len(live) == n == 8
+        torch.testing.assert_close(candidate, live.to(candidate.dtype), rtol=1e-5, atol=1e-6)
+
+
 def test_a_proposal_never_trains_on_targets_its_canary_forecasts_were_issued_without():
     """Horizon 4: the three samples labelled just before the canary have targets inside the
     canary's forecast periods; the adapter's support stops before them, and the gate scores
