@@ -188,8 +188,9 @@ class Deferred:
     for the stream's thread (evolution), or when its proposal cannot be judged on the canary
     window at once (meta-adaptation of an rls live model, whose copied experts learned it).
     The pipeline collects the result after the adapter's ``result_delay`` more labelled
-    samples (at least a canary window) — waiting there if it is not ready, so every run swaps
-    at the same position — and offers it to the gate on samples the work never saw.
+    samples (at least a canary window past the label delay's gap) — waiting there if it is
+    not ready, so every run swaps at the same position — and offers it to the gate on samples
+    the work never saw.
     """
 
     future: Future[Proposal | None]

@@ -341,7 +341,10 @@ class MetaAdapter(Adapter):
        starts the initialisation from the live model's weights);
     3. adapts the initialisation with ``inner_steps`` gradient steps on the newest
        ``support_window`` samples and proposes it; the pipeline emits ``meta_adapt``, then
-       ``gate_decision`` (and ``swap`` when the canary check accepts it).
+       ``gate_decision`` (and ``swap`` when the canary check accepts it). For an ``rls`` live
+       model only the network is adapted and the proposal keeps the live experts, which have
+       learned the canary window: it is returned as a :class:`~neuralsync.base.Deferred`,
+       judged on the samples that arrive next (:meth:`resume` rebuilds it from a snapshot).
 
     Parameters
     ----------
