@@ -200,8 +200,8 @@ class RLSLearner(OnlineLearner):
     Settings read from the :class:`~neuralsync.config.ModelConfig`: ``rls_alpha`` (ridge
     penalty of the linear experts' start), ``rls_forgetting`` (the channel expert's forgetting
     factor; the window expert, with ``n_inputs`` times the parameters, forgets ``n_inputs``
-    times slower), ``mixture_forgetting`` (that of the mixture's statistics), and the network's
-    own settings.
+    times slower unless ``rls_window_forgetting`` says otherwise), ``mixture_forgetting``
+    (that of the mixture's statistics), and the network's own settings.
 
     Examples
     --------
@@ -243,9 +243,11 @@ class RLSLearner(OnlineLearner):
         n_targets = len(self.target_index)
         alpha, forgetting = config.rls_alpha, config.rls_forgetting
         self.channel_ = RLS(lookback + 1, horizon, alpha, forgetting)
-        # The window expert has n_inputs times the channel expert's parameters: it remembers
-        # n_inputs times longer, for as many past samples per parameter.
-        window_forgetting = 1.0 - (1.0 - forgetting) / n_inputs
+        # The window expert has n_inputs times the channel expert's parameters: by default it
+        # remembers n_inputs times longer, for as many past samples per parameter.
+        window_forgetting = config.rls_window_forgetting
+        if window_forgetting is None:
+            window_forgetting = 1.0 - (1.0 - forgetting) / n_inputs
         self.window_ = RLS(lookback * n_inputs + 1, horizon * n_targets, alpha, window_forgetting)
         n_experts = len(EXPERTS)
         self.prior_ = np.full(n_experts, 1.0 / n_experts)

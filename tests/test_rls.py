@@ -171,6 +171,20 @@ def test_window_expert_over_levels_learns_a_pull_towards_a_level():
     assert errors["levels"] < 0.26 < 0.28 < errors["relative"]
 
 
+def test_the_window_expert_forgets_n_inputs_times_slower_unless_told_otherwise():
+    def window_forgetting(**settings):
+        config = ModelConfig(type="rls", rls_forgetting=0.99, **settings)
+        learner = RLSLearner(config, n_inputs=4, lookback=3, horizon=2, target_index=[0])
+        twin = learner_from_state_dict(learner.state_dict(), "cpu")
+        assert twin.window_.forgetting == learner.window_.forgetting  # kept by a checkpoint
+        return learner.window_.forgetting
+
+    assert window_forgetting() == pytest.approx(1 - 0.01 / 4)
+    assert window_forgetting(rls_window_forgetting=1.0) == 1.0
+    with pytest.raises(ValueError, match="rls_window_forgetting"):
+        ModelConfig(type="rls", rls_window_forgetting=1.5)
+
+
 def test_a_checkpoint_from_before_rls_window_keeps_relative_inputs():
     torch.manual_seed(0)
     x, y = _windows(60)
