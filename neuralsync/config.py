@@ -70,6 +70,8 @@ class ModelConfig(_Strict):
     #: rls_forgetting) / n_inputs`` (it has ``n_inputs`` times the channel expert's
     #: parameters, so it remembers that much longer).
     rls_window_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    #: With ``type: rls``: the window expert's ridge penalty. None: ``rls_alpha``.
+    rls_window_alpha: Annotated[float, Field(gt=0.0)] | None = None
     #: With ``type: rls``: forgetting factor, per step of the horizon, of the statistics that
     #: weight the experts (and of the records ``rls_selection: leader`` compares): at horizon
     #: H they forget H times slower, since neighbouring windows' targets overlap.

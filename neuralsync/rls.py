@@ -200,8 +200,9 @@ class RLSLearner(OnlineLearner):
     Settings read from the :class:`~neuralsync.config.ModelConfig`: ``rls_alpha`` (ridge
     penalty of the linear experts' start), ``rls_forgetting`` (the channel expert's forgetting
     factor; the window expert, with ``n_inputs`` times the parameters, forgets ``n_inputs``
-    times slower unless ``rls_window_forgetting`` says otherwise), ``mixture_forgetting``
-    (that of the mixture's statistics), and the network's own settings.
+    times slower unless ``rls_window_forgetting`` says otherwise; ``rls_window_alpha`` is its
+    own penalty), ``mixture_forgetting`` (that of the mixture's statistics), and the network's
+    own settings.
 
     Examples
     --------
@@ -248,7 +249,10 @@ class RLSLearner(OnlineLearner):
         window_forgetting = config.rls_window_forgetting
         if window_forgetting is None:
             window_forgetting = 1.0 - (1.0 - forgetting) / n_inputs
-        self.window_ = RLS(lookback * n_inputs + 1, horizon * n_targets, alpha, window_forgetting)
+        window_alpha = alpha if config.rls_window_alpha is None else config.rls_window_alpha
+        self.window_ = RLS(
+            lookback * n_inputs + 1, horizon * n_targets, window_alpha, window_forgetting
+        )
         n_experts = len(EXPERTS)
         self.prior_ = np.full(n_experts, 1.0 / n_experts)
         self.gram_ = np.zeros((horizon, n_targets, n_experts, n_experts))

@@ -171,18 +171,23 @@ def test_window_expert_over_levels_learns_a_pull_towards_a_level():
     assert errors["levels"] < 0.26 < 0.28 < errors["relative"]
 
 
-def test_the_window_expert_forgets_n_inputs_times_slower_unless_told_otherwise():
-    def window_forgetting(**settings):
-        config = ModelConfig(type="rls", rls_forgetting=0.99, **settings)
+def test_the_window_expert_has_its_own_forgetting_and_penalty_when_told():
+    def window(**settings):
+        config = ModelConfig(type="rls", rls_forgetting=0.99, rls_alpha=2.0, **settings)
         learner = RLSLearner(config, n_inputs=4, lookback=3, horizon=2, target_index=[0])
         twin = learner_from_state_dict(learner.state_dict(), "cpu")
         assert twin.window_.forgetting == learner.window_.forgetting  # kept by a checkpoint
-        return learner.window_.forgetting
+        assert twin.window_.alpha == learner.window_.alpha
+        assert learner.channel_.forgetting == 0.99 and learner.channel_.alpha == 2.0
+        return learner.window_.forgetting, learner.window_.alpha
 
-    assert window_forgetting() == pytest.approx(1 - 0.01 / 4)
-    assert window_forgetting(rls_window_forgetting=1.0) == 1.0
+    # By default it forgets n_inputs times slower than the channel expert, with its penalty.
+    assert window() == (pytest.approx(1 - 0.01 / 4), 2.0)
+    assert window(rls_window_forgetting=1.0, rls_window_alpha=100.0) == (1.0, 100.0)
     with pytest.raises(ValueError, match="rls_window_forgetting"):
         ModelConfig(type="rls", rls_window_forgetting=1.5)
+    with pytest.raises(ValueError, match="rls_window_alpha"):
+        ModelConfig(type="rls", rls_window_alpha=0.0)
 
 
 def test_a_checkpoint_from_before_rls_window_keeps_relative_inputs():
