@@ -355,6 +355,7 @@ def rls_components(
     Returns ``{"valid": {...}, "test": {...}}``, each ``{"forecast": mse, "mixture": mse, ...}``.
     """
     import torch
+    from threadpoolctl import threadpool_limits
 
     from neuralsync.config import ModelConfig
     from neuralsync.rls import CANDIDATES, RLSLearner
@@ -369,26 +370,28 @@ def rls_components(
     spans = {split: dataset.rows(split) for split in ("valid", "test")}
     sums = {split: np.zeros(len(CANDIDATES) + 1) for split in spans}
     counts = dict.fromkeys(spans, 0)
-    for origin in range(LOOKBACK - 1, len(values) - horizon):
-        window = values[origin - LOOKBACK + 1 : origin + 1][None]
-        scored = [
-            split
-            for split, (start, stop) in spans.items()
-            if start + LOOKBACK - 1 <= origin < stop - horizon
-        ]
-        forecast, candidates = (a[0] for a in learner.issue(window))
-        learned = origin - horizon
-        if learned >= LOOKBACK - 1:
-            learner.learn(
-                values[learned - LOOKBACK + 1 : learned + 1][None],
-                values[learned + 1 : learned + 1 + horizon][None],
-            )
-        for split in scored:
-            truth = values[origin + 1 : origin + 1 + horizon]
-            each = window[0, -1][None, :, None] + candidates - truth[..., None]
-            sums[split][:-1] += (each**2).mean((0, 1))
-            sums[split][-1] += float(((forecast - truth) ** 2).mean())
-            counts[split] += 1
+    # One window at a time, as in run_online: BLAS threads would only contend.
+    with threadpool_limits(1):
+        for origin in range(LOOKBACK - 1, len(values) - horizon):
+            window = values[origin - LOOKBACK + 1 : origin + 1][None]
+            scored = [
+                split
+                for split, (start, stop) in spans.items()
+                if start + LOOKBACK - 1 <= origin < stop - horizon
+            ]
+            forecast, candidates = (a[0] for a in learner.issue(window))
+            learned = origin - horizon
+            if learned >= LOOKBACK - 1:
+                learner.learn(
+                    values[learned - LOOKBACK + 1 : learned + 1][None],
+                    values[learned + 1 : learned + 1 + horizon][None],
+                )
+            for split in scored:
+                truth = values[origin + 1 : origin + 1 + horizon]
+                each = window[0, -1][None, :, None] + candidates - truth[..., None]
+                sums[split][:-1] += (each**2).mean((0, 1))
+                sums[split][-1] += float(((forecast - truth) ** 2).mean())
+                counts[split] += 1
     names = [*CANDIDATES, "forecast"]
     return {
         split: {
