@@ -787,11 +787,9 @@ class _RecordingGate(Gate):
         return GateDecision(True, "recorded", {})
 
 
-@pytest.mark.parametrize("horizon", [1, 4])
-def test_a_copy_of_the_live_model_is_judged_as_the_live_model_whatever_the_label_delay(horizon):
-    """With a label delay d the live model forecast each canary sample before the d - 1
-    samples labelled just before it; the candidate must too, or it is judged with hindsight.
-    Then, swapped in, the copy and the replaced model score the same over probation."""
+def _replay_shift_with(adapter: Adapter, horizon: int) -> tuple[_RecordingGate, list[dict]]:
+    """The level-shift stream through a pipeline with ``adapter`` and a recording gate (canary
+    window 8): the gate, with what it saw, and the events."""
     gate = _RecordingGate()
     scenario = _scenario(
         features=[],
@@ -800,11 +798,20 @@ def test_a_copy_of_the_live_model_is_judged_as_the_live_model_whatever_the_label
         detector={"type": "adwin"},
         adaptation={"canary_size": 8},
     )
-    pipeline = Pipeline(scenario, adapters=[_LiveCopyLater()], gate=gate)
+    pipeline = Pipeline(scenario, adapters=[adapter], gate=gate)
     events: list[dict] = []
     pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
     for batch in DataFrameSource(_shift_frame(), timestamp="t", columns=["y"], chunk_size=50):
         pipeline.process(batch)
+    return gate, events
+
+
+@pytest.mark.parametrize("horizon", [1, 4])
+def test_a_copy_of_the_live_model_is_judged_as_the_live_model_whatever_the_label_delay(horizon):
+    """With a label delay d the live model forecast each canary sample before the d - 1
+    samples labelled just before it; the candidate must too, or it is judged with hindsight.
+    Then, swapped in, the copy and the replaced model score the same over probation."""
+    gate, events = _replay_shift_with(_LiveCopyLater(), horizon)
     assert gate.seen, "the level shift should have produced a change and a delivery"
     for candidate, live, n in gate.seen:
         assert len(candidate) == len(live) == n == 40 - (horizon - 1)
@@ -823,19 +830,7 @@ class _LiveCopyNow(_LiveCopyLater):
 
 @pytest.mark.parametrize("horizon", [1, 4])
 def test_work_deferred_without_a_delay_is_judged_on_a_full_canary_window_past_the_gap(horizon):
-    gate = _RecordingGate()
-    scenario = _scenario(
-        features=[],
-        horizon=horizon,
-        model={"hidden": [16], "fast_path": False},
-        detector={"type": "adwin"},
-        adaptation={"canary_size": 8},
-    )
-    pipeline = Pipeline(scenario, adapters=[_LiveCopyNow()], gate=gate)
-    events: list[dict] = []
-    pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
-    for batch in DataFrameSource(_shift_frame(), timestamp="t", columns=["y"], chunk_size=50):
-        pipeline.process(batch)
+    gate, events = _replay_shift_with(_LiveCopyNow(), horizon)
     started = [e for e in events if e["type"] == "adaptation_started"]
     assert gate.seen and started
     assert {e["deliver_after_samples"] for e in started} == {8 + horizon - 1}
