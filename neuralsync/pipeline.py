@@ -606,12 +606,7 @@ class Pipeline:
 
     def _defer(self, adapter: Adapter, change: RegimeChange, deferred: Deferred) -> None:
         labelled = self.counts_["labelled"]
-        # Delivered no earlier than a full canary window later, past the gap of forecasts
-        # issued before the work started (label delay): the gate then judges the result on
-        # as many samples as a synchronous proposal's, none of which the work can have seen.
-        delay = max(
-            int(adapter.result_delay), self.scenario.adaptation.canary_size + self._overlap()
-        )
+        delay = max(int(adapter.result_delay), self._earliest_delivery())
         where = [change.position, change.stream_time, change.key, change.detector]
         self._deferred.append([labelled + delay, labelled, adapter.name, *where, deferred])
         self._deferred.sort(key=lambda entry: entry[0])
@@ -621,14 +616,13 @@ class Pipeline:
         """Offer the background results that are due (or ready, for adapters that deliver
         as soon as they can). A due result that is still running is waited for."""
         labelled = self.counts_["labelled"]
-        canary_size = self.scenario.adaptation.canary_size
         for entry in list(self._deferred):
             due, started, name, *_, deferred = entry
             adapter = next((a for a in self.adapters if a.name == name), None)
             early = (
                 adapter is not None
                 and adapter.deliver_when_ready
-                and labelled - started >= canary_size + self._overlap()
+                and labelled - started >= self._earliest_delivery()
                 and deferred.future.done()
             )
             if labelled < due and not early:
@@ -669,6 +663,13 @@ class Pipeline:
                 torch.from_numpy(np.stack([s[1] for s in scored])),
                 learned=True,
             )
+
+    def _earliest_delivery(self) -> int:
+        """Labelled samples after its start before deferred work may be delivered: a full
+        canary window past the gap of forecasts issued before the work started (label delay).
+        The gate then judges the result on as many samples as a synchronous proposal's, none
+        of which the work can have seen."""
+        return self.scenario.adaptation.canary_size + self._overlap()
 
     def _overlap(self) -> int:
         """Labelled samples between a forecast's issue and its label: with a label delay of d
