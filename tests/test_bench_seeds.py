@@ -17,6 +17,7 @@ import torch
 from neuralsync.bench.chargpt import CharGPT, CharText, char_windows
 from neuralsync.bench.mnist import Mnist, data_dir, load_mnist, mnist_mlp, read_idx
 from neuralsync.bench.seeds import (
+    GPT_COOLDOWN,
     GPT_DEFAULTS,
     GPT_METHODS,
     format_hybrid_es,
@@ -157,7 +158,8 @@ def test_resonance_gpt_quick_run_gives_every_method_the_same_budget(tmp_path):
         summary = report["summary"][method]["report_bpc"]
         assert summary["min"] <= summary["mean"] <= summary["max"]
     # Defaults never move; random search never moves; resonance+ starts one member at them.
-    for row in [*report["runs"]["defaults"], *report["runs"]["defaults-long"]]:
+    defaults = ("defaults", "defaults-long", "defaults-cooldown")
+    for row in [row for method in defaults for row in report["runs"][method]]:
         for record in row["history"]:
             for member in record["members"]:
                 assert member["lr"] == pytest.approx(GPT_DEFAULTS["lr"])
@@ -171,14 +173,24 @@ def test_resonance_gpt_quick_run_gives_every_method_the_same_budget(tmp_path):
     random0 = report["runs"]["random"][0]["history"][0]["members"]
     resonance0 = report["runs"]["resonance"][0]["history"][0]["members"]
     assert [m["lr"] for m in random0] == [m["lr"] for m in resonance0]
-    # The other reading of the defaults: one model, every step of the budget.
-    for row in report["runs"]["defaults-long"]:
-        assert all(len(record["members"]) == 1 for record in row["history"])
-        assert row["best_params"]["lr"] == pytest.approx(GPT_DEFAULTS["lr"])
+    # The other reading of the defaults: one model, every step of the budget; with resonance+'s
+    # cooldown, the learning rate falls over the last generations.
+    for method in ("defaults-long", "defaults-cooldown"):
+        for row in report["runs"][method]:
+            assert all(len(record["members"]) == 1 for record in row["history"])
+            assert row["best_params"]["lr"] == pytest.approx(GPT_DEFAULTS["lr"])
+    cooled = GPT_COOLDOWN[0]
+    for method in ("defaults-cooldown", "resonance+"):
+        scales = [r["lr_scale"] for r in report["runs"][method][0]["history"]]
+        assert scales[:-cooled] == [1.0] * (len(scales) - cooled)
+        assert 1.0 > scales[-1] > GPT_COOLDOWN[1]
+    # resonance+ halves its population each generation down to one lineage.
+    sizes = [len(r["members"]) for r in report["runs"]["resonance+"][0]["history"]]
+    assert sizes == [4, 2, 1]
     assert set(report["verdict"]) == {
         f"{variant} vs {baseline}"
         for variant in ("resonance", "resonance+")
-        for baseline in ("random", "defaults", "defaults-long")
+        for baseline in ("random", "defaults", "defaults-long", "defaults-cooldown")
     }
     assert len(report["plots"]) == 2 and all(os.path.getsize(p) > 5_000 for p in report["plots"])
     text = format_resonance_gpt(report)

@@ -288,3 +288,89 @@ def test_batched_resonance_hpo_trains_with_adamw_and_rejects_bad_starts():
         ResonanceHPO(model=_mlp, optimizer="adam")
     with pytest.raises(ValueError, match="exploit must be in"):
         ResonanceHPO(model=_mlp, exploit=2.0)
+
+
+def test_shrink_spends_each_generations_budget_on_the_better_half_until_one_lineage_is_left(
+    monkeypatch,
+):
+    from neuralsync.evolution.population import PopulationTrainer
+
+    populations = []
+    original = PopulationTrainer.__init__
+
+    def recorded(self, modules, backend="auto"):
+        populations.append([id(m) for m in modules])
+        original(self, modules, backend)
+
+    monkeypatch.setattr(PopulationTrainer, "__init__", recorded)
+    x, y, xv, yv = _regression()
+    ranges = {"lr": (1e-3, 0.1), "momentum": (0.5, 0.9), "weight_decay": (0.0, 1e-3)}
+    hpo = ResonanceHPO(model=_mlp, population=4, generations=4, steps_per_generation=10,
+                       batch_size=32, ranges=ranges, shrink=0.5, seed=0)  # fmt: skip
+    assert hpo.sizes() == [4, 2, 1, 1]
+    hpo.fit(x, y, xv, yv)
+    assert [len(r["members"]) for r in hpo.history_] == [4, 2, 1, 1]
+    # Every generation costs the same: 4 x 10, 2 x 20, 1 x 40 steps.
+    assert [r["steps"] for r in hpo.history_] == [40, 80, 120, 160]
+    # The worst go; the survivors' own models (weights included) go on training.
+    assert [len(p) for p in populations] == [4, 2, 1]
+    for record, before, after in zip(
+        hpo.history_[:2], populations[:2], populations[1:], strict=True
+    ):
+        losses = [m["loss"] for m in record["members"]]
+        dropped = [i for i, a in enumerate(record["actions"]) if a == "drop"]
+        kept = [i for i in range(len(losses)) if i not in dropped]
+        assert max(losses[i] for i in kept) <= min(losses[i] for i in dropped)
+        assert after == [before[i] for i in kept]
+    # The last lineage keeps its hyperparameters: no selection is left to judge a move.
+    assert [r["actions"] for r in hpo.history_[2:]] == [["keep"], ["keep"]]
+    solo = [{k: v for k, v in r["members"][0].items() if k != "loss"} for r in hpo.history_[2:]]
+    assert solo[0] == solo[1]
+    assert hpo.best_loss_ == min(r["best_loss"] for r in hpo.history_)
+
+
+def test_cooldown_freezes_the_hyperparameters_and_decays_the_learning_rate_to_its_factor(
+    monkeypatch,
+):
+    from neuralsync.evolution.population import PopulationTrainer
+
+    calls = []
+    original = PopulationTrainer.train
+
+    def recorded(self, x, y, **kwargs):
+        calls.append((kwargs["steps"], list(kwargs["lr"]), kwargs["lr_decay"]))
+        return original(self, x, y, **kwargs)
+
+    monkeypatch.setattr(PopulationTrainer, "train", recorded)
+    x, y, xv, yv = _regression()
+    hpo = ResonanceHPO(model=_mlp, population=2, generations=4, steps_per_generation=10,
+                       batch_size=32, mutation_rate=1.0, cooldown=(2, 0.1),
+                       seed=0).fit(x, y, xv, yv)  # fmt: skip
+    history = hpo.history_
+    assert [r["actions"] for r in history[1:]] == [["cool", "cool"]] * 3
+    strip = [[{k: v for k, v in m.items() if k != "loss"} for m in r["members"]] for r in history]
+    assert strip[1] == strip[2] == strip[3]
+    assert strip[0] != strip[1]  # before the cooldown, every member mutated
+    assert [c[2] for c in calls[:2]] == [1.0, 1.0]
+    decay = 0.1 ** (1 / 20)
+    assert calls[2][2] == calls[3][2] == pytest.approx(decay)
+    rates = [m["lr"] for m in strip[2]]
+    assert calls[2][1] == pytest.approx(rates)
+    assert calls[3][1] == pytest.approx([r * decay**10 for r in rates])
+    # After the last step's decay the rate is the factor's tenth of where the cooldown began.
+    assert [r * decay**10 for r in calls[3][1]] == pytest.approx([0.1 * r for r in rates])
+    assert [r["lr_scale"] for r in history] == pytest.approx([1.0, 1.0, 1.0, decay**10])
+
+
+def test_shrink_and_cooldown_reject_bad_values_and_the_unbatched_way():
+    with pytest.raises(ValueError, match="shrink must be in"):
+        ResonanceHPO(model=_mlp, shrink=0.0)
+    with pytest.raises(ValueError, match="shrink must be in"):
+        ResonanceHPO(model=_mlp, shrink=1.5)
+    for bad in ((0, 0.1), (11, 0.1), (2, 0.0), (2, 1.5), (2.5, 0.1)):
+        with pytest.raises(ValueError, match="cooldown must be"):
+            ResonanceHPO(model=_mlp, generations=10, cooldown=bad)
+    with pytest.raises(ValueError, match="need the batched way"):
+        ResonanceHPO(_bowl, shrink=0.5)
+    with pytest.raises(ValueError, match="need the batched way"):
+        ResonanceHPO(_bowl, cooldown=(2, 0.1))

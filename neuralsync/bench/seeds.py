@@ -44,6 +44,7 @@ from neuralsync.bench.mnist import Mnist, data_dir, load_mnist, mnist_mlp
 from neuralsync.evolution.strategies import DEFAULT_RANGES, HybridES, ResonanceHPO
 
 __all__ = [
+    "GPT_COOLDOWN",
     "GPT_DEFAULTS",
     "PUBLISHED",
     "format_hybrid_es",
@@ -84,12 +85,25 @@ TARGETS = {"reproduce": (0.918, 15_360_000), "efficient": (0.918, 1_536_000),
 
 #: The GPT's fixed defaults: torch.optim.AdamW's (lr 1e-3, β1 0.9, weight decay 0.01).
 GPT_DEFAULTS = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.01}
-#: ``resonance`` is the published rule; ``resonance+`` adds selection (the worst quarter copy
-#: the best quarter's weights and hyperparameters each generation), starts one member at
-#: the defaults, and does not cool its learning-rate annealing. ``defaults-long`` is the other
-#: reading of "the defaults at the same budget": one model at the defaults, trained for every
-#: step the populations spread over their members.
-GPT_METHODS = ("defaults", "random", "resonance", "resonance+", "defaults-long")
+#: resonance+'s final decay: over the last two generations (a fifth of the budget) to a tenth.
+GPT_COOLDOWN = (2, 0.1)
+#: ``resonance`` is the published rule. ``resonance+`` is ours: it starts one member at the
+#: defaults, selects (successive halving: the better half goes on each generation, with twice
+#: the steps, until one lineage is left, so it trains for most of the budget; before that the
+#: worst quarter copies the best quarter), does not cool its learning-rate annealing, and ends
+#: with a cooldown (the learning rate decays to a tenth over the last two generations).
+#: ``defaults-long`` is the other reading of "the defaults at the same budget": one model at
+#: the defaults, trained for every step the populations spread over their members;
+#: ``defaults-cooldown`` the same with resonance+'s cooldown, to show what the schedule alone
+#: is worth.
+GPT_METHODS = (
+    "defaults",
+    "random",
+    "resonance",
+    "resonance+",
+    "defaults-long",
+    "defaults-cooldown",
+)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -499,7 +513,7 @@ def format_hybrid_es(report: dict[str, Any]) -> str:
 def _gpt_settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"block": 16, "width": 16, "heads": 2, "layers": 1, "batch_size": 8,
-                "population": 3, "generations": 3, "steps": 5, "select_windows": 32,
+                "population": 4, "generations": 3, "steps": 5, "select_windows": 32,
                 "stride": 8, "report_windows": 64}  # fmt: skip
     return {"block": 32, "width": 48, "heads": 4, "layers": 2, "batch_size": 16,
             "population": 8, "generations": 10, "steps": 40, "select_windows": 256,
@@ -519,21 +533,24 @@ def _gpt_method(method: str, settings: dict[str, Any], vocab: int, seed: int) ->
         "batch_size": settings["batch_size"], "optimizer": "adamw", "beta2": 0.99,
         "grad_clip": 1.0, "backend": "vmap", "seed": seed,
     }  # fmt: skip
-    if method in ("defaults", "defaults-long"):
+    if method in ("defaults", "defaults-long", "defaults-cooldown"):
         point = {name: (value, value) for name, value in GPT_DEFAULTS.items()}
-        if method == "defaults-long":  # the same budget, on one model
+        if method != "defaults":  # the same budget, on one model
             common["steps_per_generation"] *= common["population"]
             common["population"] = 1
+        if method == "defaults-cooldown":
+            common["cooldown"] = GPT_COOLDOWN
         return ResonanceHPO(**common, ranges=point, mutation_rate=0.0, resonance_factor=1.0,
                             anneal=None)  # fmt: skip
     if method == "random":  # the same initial draws as ResonanceHPO's, frozen
         return ResonanceHPO(**common, mutation_rate=0.0, resonance_factor=1.0, anneal=None)
     if method == "resonance":
         return ResonanceHPO(**common)
-    if method == "resonance+":  # ours: selection, and the defaults as one starting member
-        # The temperature stays at t0: late in training the learning rate keeps being tried
-        # lower (it cannot go above the range), and selection keeps what helps.
-        return ResonanceHPO(**common, exploit=0.25, initial=[GPT_DEFAULTS], anneal=(0.3, 1.0))
+    if method == "resonance+":
+        # The temperature stays at t0: the learning rate keeps being tried lower (it cannot go
+        # above the range), and selection keeps what helps.
+        return ResonanceHPO(**common, exploit=0.25, initial=[GPT_DEFAULTS], anneal=(0.3, 1.0),
+                            shrink=0.5, cooldown=GPT_COOLDOWN)  # fmt: skip
     raise ValueError(f"unknown method {method!r}, expected one of {GPT_METHODS}")
 
 
@@ -580,7 +597,7 @@ def run_resonance_gpt(
                      "best_so_far_bpc": bits_per_char(r["best_loss_so_far"]),
                      "members": [{**{k: m[k] for k in ("lr", "momentum", "weight_decay")},
                                   "bpc": bits_per_char(m["loss"])} for m in r["members"]],
-                     "actions": r["actions"]}
+                     "actions": r["actions"], "lr_scale": r["lr_scale"]}
                     for r in hpo.history_
                 ]  # fmt: skip
                 row = {
@@ -621,7 +638,7 @@ def _gpt_verdict(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per resonance variant and baseline: on how many seeds it was lower, and in the mean."""
     verdict = {}
     for variant in ("resonance", "resonance+"):
-        for baseline in ("random", "defaults", "defaults-long"):
+        for baseline in ("random", "defaults", "defaults-long", "defaults-cooldown"):
             pairs = list(zip(results[variant], results[baseline], strict=True))
             wins = sum(a["report_bpc"] < b["report_bpc"] for a, b in pairs)
             mean = statistics.fmean(a["report_bpc"] - b["report_bpc"] for a, b in pairs)
@@ -634,7 +651,8 @@ def _gpt_verdict(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def _plot_gpt(report: dict[str, Any], out: Path) -> list[str]:
     colours = {"defaults": "black", "random": "tab:orange", "resonance": "tab:blue",
-               "resonance+": "tab:green", "defaults-long": "tab:grey"}  # fmt: skip
+               "resonance+": "tab:green", "defaults-long": "tab:grey",
+               "defaults-cooldown": "tab:purple"}  # fmt: skip
     paths = []
     figure = _figure()
     ax = figure.add_subplot()
@@ -654,10 +672,21 @@ def _plot_gpt(report: dict[str, Any], out: Path) -> list[str]:
     for k, method in enumerate(methods):
         ax = figure.add_subplot(1, len(methods), k + 1)
         row = report["runs"][method][0]
+        # One dot per member and generation (populations may shrink), and the learning rate
+        # the best member actually trained with (the cooldown's scale included).
+        for record in row["history"]:
+            ax.scatter(
+                [record["steps"]] * len(record["members"]),
+                [m["lr"] for m in record["members"]],
+                s=6,
+                color="tab:blue",
+                alpha=0.5,
+            )
         steps = [r["steps"] for r in row["history"]]
-        lrs = np.array([[m["lr"] for m in r["members"]] for r in row["history"]])
-        for member in range(lrs.shape[1]):
-            ax.plot(steps, lrs[:, member], lw=0.9)
+        used = [min(r["members"], key=lambda m: m["bpc"])["lr"] * r["lr_scale"]
+                for r in row["history"]]  # fmt: skip
+        ax.plot(steps, used, color="black", lw=1.2, label="best member, as trained")
+        ax.legend(fontsize=7)
         ax.set_yscale("log")
         ax.set_ylim(DEFAULT_RANGES["lr"][0] * 0.8, DEFAULT_RANGES["lr"][1] * 1.25)
         ax.set(title=f"{method} (seed 0)", xlabel="steps", ylabel="learning rate" if k == 0 else "")

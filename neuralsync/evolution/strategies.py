@@ -353,6 +353,20 @@ class ResonanceHPO:
     selects: every member follows its own random walk and the search is a random search whose
     points drift.
 
+    Two additions for the batched way, both off by default, spend a fixed step budget on one
+    lineage rather than spreading it evenly (a model trained ``budget / population`` steps
+    cannot compete with one model trained on the whole budget):
+
+    - ``shrink < 1`` (successive halving): after each evaluation only the best
+      ``ceil(shrink × size)`` members go on (weights and hyperparameters), and the steps per
+      generation grow so that every generation costs ``population × steps_per_generation``
+      steps. The survivors' lineages get the steps the dropped members no longer take. Once
+      one member is left it keeps its hyperparameters: no selection can judge a move any more.
+    - ``cooldown = (n, factor)``: in the last ``n`` generations nothing moves any more; every
+      member's learning rate decays geometrically, step by step, to ``factor`` times its value
+      at the start of the cooldown (the annealing's final cooling, as a schedule: a constant
+      rate leaves a model short of the minimum its noise lets it circle).
+
     Two ways to evaluate:
 
     - ``train_fn(params, seed) -> loss`` (or ``(loss, model)``): anything, trained from scratch
@@ -383,6 +397,10 @@ class ResonanceHPO:
     initial
         Starting points (e.g. known defaults) for the first members, within ``ranges``; the
         others start at random as above.
+    shrink
+        The fraction of members kept after each generation (``1``: all; batched way only).
+    cooldown
+        ``(generations, factor)``: the final learning-rate decay (None: none; batched way only).
     steps_per_generation, batch_size, grad_clip, backend
         The batched way's training.
     optimizer, beta2
@@ -397,8 +415,10 @@ class ResonanceHPO:
     history_
         Per generation: ``generation``, ``best_loss``, ``mean_loss``, ``best_loss_so_far``,
         ``temperature``, ``members`` (each member's hyperparameters and ``loss``, as evaluated),
-        ``actions`` (``"mutate"``, ``"keep"``, ``"nudge"`` or ``"exploit"`` per member, for the
-        next generation), ``steps`` (cumulative optimizer steps, batched way) and ``wall_seconds``.
+        ``actions`` (``"mutate"``, ``"keep"``, ``"nudge"``, ``"exploit"``, ``"drop"`` or ``"cool"``
+        per member, for the next generation), ``steps`` (cumulative optimizer steps, batched
+        way), ``lr_scale`` (what the cooldown multiplied the learning rates by at the start of
+        the generation; 1 outside it) and ``wall_seconds``.
     best_params_, best_loss_, best_model_
         The best so far (``best_model_``: None when ``train_fn`` returns only a loss).
 
@@ -434,6 +454,8 @@ class ResonanceHPO:
         optimizer: str = "sgd",
         beta2: float = 0.999,
         initial: Sequence[Mapping[str, float]] | None = None,
+        shrink: float = 1.0,
+        cooldown: tuple[int, float] | None = None,
     ):
         if (train_fn is None) == (model is None):
             raise ValueError("ResonanceHPO: give either train_fn or model (batched), not both")
@@ -481,6 +503,20 @@ class ResonanceHPO:
             raise ValueError(
                 f"ResonanceHPO: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}"
             )
+        if not 0.0 < shrink <= 1.0:
+            raise ValueError(f"ResonanceHPO: shrink must be in (0, 1], got {shrink}")
+        if cooldown is not None:
+            length, factor = cooldown
+            if not (isinstance(length, int) and 1 <= length <= generations and 0 < factor <= 1):
+                raise ValueError(
+                    f"ResonanceHPO: cooldown must be (generations, factor) with 1 <= generations "
+                    f"<= {generations} and 0 < factor <= 1, got {cooldown}"
+                )
+        if model is None and (shrink < 1.0 or cooldown is not None):
+            raise ValueError(
+                "ResonanceHPO: shrink and cooldown count optimizer steps, so they need the "
+                "batched way (model=...), not train_fn"
+            )
         self.train_fn = train_fn
         self.model = model
         self.population = population
@@ -498,6 +534,40 @@ class ResonanceHPO:
         self.initial = None if initial is None else [dict(m) for m in initial]
         self.optimizer = optimizer
         self.beta2 = beta2
+        self.shrink = shrink
+        self.cooldown = cooldown
+
+    def sizes(self) -> list[int]:
+        """The population size of each generation (shrinking with ``shrink``).
+
+        >>> ResonanceHPO(model=lambda: nn.Linear(1, 1), population=8, generations=5,
+        ...              shrink=0.5).sizes()
+        [8, 4, 2, 1, 1]
+        """
+        sizes = [self.population]
+        while len(sizes) < self.generations:
+            sizes.append(max(1, math.ceil(self.shrink * sizes[-1])))
+        return sizes
+
+    def _schedule(self) -> list[tuple[int, float, float]]:
+        """Per generation: steps per member, the cooldown's scale at its start, its decay/step.
+
+        Every generation costs ``population × steps_per_generation`` steps (rounded down to a
+        multiple of its size).
+        """
+        budget = self.population * self.steps_per_generation
+        steps = [budget // size for size in self.sizes()]
+        schedule = [(s, 1.0, 1.0) for s in steps]
+        if self.cooldown is not None:
+            length, factor = self.cooldown
+            first = self.generations - length
+            total = sum(steps[first:])
+            decay = factor ** (1.0 / total)
+            done = 0
+            for g in range(first, self.generations):
+                schedule[g] = (steps[g], decay**done, decay)
+                done += steps[g]
+        return schedule
 
     def _initial(self, rng: np.random.Generator) -> list[dict[str, float]]:
         members = []
@@ -573,14 +643,21 @@ class ResonanceHPO:
         self.best_loss_ = math.inf
         self.best_params_: dict[str, float] = dict(members[0])
         self.best_model_: nn.Module | None = None
+        schedule = self._schedule() if batched else None
+        cooling_from = self.generations - self.cooldown[0] if self.cooldown else math.inf
         steps, start = 0, time.perf_counter()
         for generation in range(self.generations):
             temperature = (
                 self.anneal[0] * self.anneal[1] ** generation if self.anneal is not None else 0.0
             )
+            lr_scale = 1.0
             if batched:
-                losses = self._train_batched(trainer, members, x, y, x_val, y_val, loss, generator)
-                steps += self.population * self.steps_per_generation
+                member_steps, lr_scale, decay = schedule[generation]
+                losses = self._train_batched(
+                    trainer, members, x, y, x_val, y_val, loss, generator,
+                    member_steps, lr_scale, decay,
+                )  # fmt: skip
+                steps += len(members) * member_steps
             else:
                 losses, models = self._train_each(members, rng)
             for i, value in enumerate(losses):
@@ -596,8 +673,30 @@ class ResonanceHPO:
                         models[i].load_state_dict(self.best_model_.state_dict())
             finite = [v for v in losses if math.isfinite(v)]
             evaluated = [{**m, "loss": v} for m, v in zip(members, losses, strict=True)]
-            copied = self._exploit(members, losses, models if batched else None)
-            stepped = [self._step(m, generation, rng, i in copied) for i, m in enumerate(members)]
+            actions = ["drop"] * len(members)
+            if generation + 1 < self.generations:
+                size = self.sizes()[generation + 1]
+                kept = sorted(sorted(range(len(members)), key=lambda i: (losses[i], i))[:size])
+            else:
+                kept = list(range(len(members)))
+            survivors = [members[i] for i in kept]
+            survivor_losses = [losses[i] for i in kept]
+            if batched and len(kept) < len(members):
+                models = [models[i] for i in kept]
+                trainer = PopulationTrainer(models, self.backend)
+            if generation + 1 >= cooling_from:  # the next generation cools: nothing moves
+                stepped = [(dict(m), "cool") for m in survivors]
+            elif self.shrink < 1.0 and len(survivors) == 1:
+                # Selection is what judges a move; with one lineage left, a move would be a
+                # blind random walk (at a range's edge, a drift away from it).
+                stepped = [(dict(survivors[0]), "keep")]
+            else:
+                copied = self._exploit(survivors, survivor_losses, models if batched else None)
+                stepped = [
+                    self._step(m, generation, rng, j in copied) for j, m in enumerate(survivors)
+                ]
+            for i, (_, action) in zip(kept, stepped, strict=True):
+                actions[i] = action
             members = [m for m, _ in stepped]
             record = {
                 "generation": generation,
@@ -605,8 +704,9 @@ class ResonanceHPO:
                 "mean_loss": float(np.mean(finite)) if finite else math.inf,
                 "best_loss_so_far": self.best_loss_,
                 "temperature": temperature,
+                "lr_scale": lr_scale,
                 "members": evaluated,
-                "actions": [a for _, a in stepped],
+                "actions": actions,
                 "steps": steps,
                 "wall_seconds": time.perf_counter() - start,
             }
@@ -648,15 +748,18 @@ class ResonanceHPO:
             models.append(model)
         return losses, models
 
-    def _train_batched(self, trainer, members, x, y, x_val, y_val, loss, generator) -> list[float]:
+    def _train_batched(
+        self, trainer, members, x, y, x_val, y_val, loss, generator, steps, lr_scale, decay
+    ) -> list[float]:
         def column(name: str, default: float) -> list[float]:
             return [m.get(name, default) for m in members]
 
         trainer.train(
-            x, y, steps=self.steps_per_generation, batch_size=self.batch_size,
-            lr=column("lr", 1e-3), momentum=column("momentum", 0.0),
-            weight_decay=column("weight_decay", 0.0), grad_clip=self.grad_clip,
-            generator=generator, loss=loss, optimizer=self.optimizer, beta2=self.beta2,
+            x, y, steps=steps, batch_size=self.batch_size,
+            lr=[lr * lr_scale for lr in column("lr", 1e-3)], lr_decay=decay,
+            momentum=column("momentum", 0.0), weight_decay=column("weight_decay", 0.0),
+            grad_clip=self.grad_clip, generator=generator, loss=loss,
+            optimizer=self.optimizer, beta2=self.beta2,
         )  # fmt: skip
         values = trainer.evaluate(x_val, y_val, loss).double()
         return [float(v) if math.isfinite(float(v)) else math.inf for v in values]
