@@ -90,8 +90,9 @@ GPT_COOLDOWN = (2, 0.1)
 #: ``resonance`` is the published rule. ``resonance+`` is ours: it starts one member at the
 #: defaults, selects (successive halving: the better half goes on each generation, with twice
 #: the steps, until one lineage is left, so it trains for most of the budget; before that the
-#: worst quarter copies the best quarter), does not cool its learning-rate annealing, and ends
-#: with a cooldown (the learning rate decays to a tenth over the last two generations).
+#: worst quarter copies the best quarter), keeps the best member's hyperparameters unchanged
+#: (elite), does not cool its learning-rate annealing, and ends with a cooldown (the learning
+#: rate decays to a tenth over the last two generations).
 #: ``defaults-long`` is the other reading of "the defaults at the same budget": one model at
 #: the defaults, trained for every step the populations spread over their members;
 #: ``defaults-cooldown`` the same with resonance+'s cooldown, to show what the schedule alone
@@ -550,7 +551,7 @@ def _gpt_method(method: str, settings: dict[str, Any], vocab: int, seed: int) ->
         # The temperature stays at t0: the learning rate keeps being tried lower (it cannot go
         # above the range), and selection keeps what helps.
         return ResonanceHPO(**common, exploit=0.25, initial=[GPT_DEFAULTS], anneal=(0.3, 1.0),
-                            shrink=0.5, cooldown=GPT_COOLDOWN)  # fmt: skip
+                            elite=1, shrink=0.5, cooldown=GPT_COOLDOWN)  # fmt: skip
     raise ValueError(f"unknown method {method!r}, expected one of {GPT_METHODS}")
 
 

@@ -397,6 +397,9 @@ class ResonanceHPO:
     initial
         Starting points (e.g. known defaults) for the first members, within ``ranges``; the
         others start at random as above.
+    elite
+        The best members of each generation keep their hyperparameters for sure (the resonance
+        factor at its strongest for the genomes that proved best; ``0``: none, as published).
     shrink
         The fraction of members kept after each generation (``1``: all; batched way only).
     cooldown
@@ -456,6 +459,7 @@ class ResonanceHPO:
         initial: Sequence[Mapping[str, float]] | None = None,
         shrink: float = 1.0,
         cooldown: tuple[int, float] | None = None,
+        elite: int = 0,
     ):
         if (train_fn is None) == (model is None):
             raise ValueError("ResonanceHPO: give either train_fn or model (batched), not both")
@@ -503,6 +507,8 @@ class ResonanceHPO:
             raise ValueError(
                 f"ResonanceHPO: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}"
             )
+        if not (isinstance(elite, int) and 0 <= elite <= population):
+            raise ValueError(f"ResonanceHPO: elite must be in 0..{population}, got {elite!r}")
         if not 0.0 < shrink <= 1.0:
             raise ValueError(f"ResonanceHPO: shrink must be in (0, 1], got {shrink}")
         if cooldown is not None:
@@ -536,6 +542,7 @@ class ResonanceHPO:
         self.beta2 = beta2
         self.shrink = shrink
         self.cooldown = cooldown
+        self.elite = elite
 
     def sizes(self) -> list[int]:
         """The population size of each generation (shrinking with ``shrink``).
@@ -691,10 +698,14 @@ class ResonanceHPO:
                 # blind random walk (at a range's edge, a drift away from it).
                 stepped = [(dict(survivors[0]), "keep")]
             else:
+                order = sorted(range(len(survivors)), key=lambda j: (survivor_losses[j], j))
+                elite = set(order[: self.elite])
                 copied = self._exploit(survivors, survivor_losses, models if batched else None)
                 stepped = [
-                    self._step(m, generation, rng, j in copied) for j, m in enumerate(survivors)
-                ]
+                    (dict(m), "keep") if j in elite and j not in copied
+                    else self._step(m, generation, rng, j in copied)
+                    for j, m in enumerate(survivors)
+                ]  # fmt: skip
             for i, (_, action) in zip(kept, stepped, strict=True):
                 actions[i] = action
             members = [m for m, _ in stepped]
