@@ -374,3 +374,25 @@ def test_shrink_and_cooldown_reject_bad_values_and_the_unbatched_way():
         ResonanceHPO(_bowl, shrink=0.5)
     with pytest.raises(ValueError, match="need the batched way"):
         ResonanceHPO(_bowl, cooldown=(2, 0.1))
+
+
+def test_elite_members_keep_their_hyperparameters_while_the_rest_move():
+    def run(elite):
+        return ResonanceHPO(_bowl, population=6, generations=5, mutation_rate=1.0, elite=elite,
+                            seed=0).fit()  # fmt: skip
+
+    def strip(member):
+        return {k: v for k, v in member.items() if k != "loss"}
+
+    hpo = run(2)
+    for prev, nxt in itertools.pairwise(hpo.history_):
+        losses = [m["loss"] for m in prev["members"]]
+        best = sorted(range(len(losses)), key=lambda i: (losses[i], i))[:2]
+        for i, (old, new) in enumerate(zip(prev["members"], nxt["members"], strict=True)):
+            if i in best:
+                assert prev["actions"][i] == "keep" and strip(old) == strip(new)
+            else:
+                assert prev["actions"][i] == "mutate" and strip(old) != strip(new)
+    assert {a for r in run(0).history_ for a in r["actions"]} == {"mutate"}
+    with pytest.raises(ValueError, match=r"elite must be in 0\.\.8"):
+        ResonanceHPO(_bowl, elite=9)
