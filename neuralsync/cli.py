@@ -331,9 +331,15 @@ def online(
     target: Annotated[str | None, typer.Option(help="Target column [default: OT].")] = None,
     quick: Annotated[bool, typer.Option(help="First 1,500 rows, no grids: a smoke run.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the pipelines.")] = 0,
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only these methods (repeat the option), e.g. neuralsync; default: all six."
+        ),
+    ] = None,
 ) -> None:
     """Online forecasting benchmark (FSNet/OneNet protocol): NeuralSync beside strong baselines."""
-    from neuralsync.bench.online import format_table, run_online
+    from neuralsync.bench.online import METHODS, format_table, run_online
 
     report = run_online(
         data,
@@ -343,6 +349,7 @@ def online(
         target=target,
         quick=quick,
         seed=seed,
+        methods=tuple(method) if method else METHODS,
         log=lambda line: console.print(line, highlight=False),
     )
     typer.echo(format_table(report))

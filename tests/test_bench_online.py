@@ -221,6 +221,14 @@ def test_command_line(tmp_path):
     assert (tmp_path / "results.json").is_file()
     bad = CliRunner().invoke(app, ["bench", "online", "--data", str(path), "--target", "zz"])
     assert bad.exit_code == 2 and "target column 'zz' not found" in bad.output
+    # --method runs a subset; an unknown one is an error that lists the methods.
+    some = ["bench", "online", "--data", str(path), "--quick", "--out", str(tmp_path / "some")]
+    result = CliRunner().invoke(app, [*some, "--method", "last_value", "--method", "sgd_network"])
+    assert result.exit_code == 0, result.output
+    ran = json.loads((tmp_path / "some" / "results.json").read_text())
+    assert set(ran["methods"]) == {"last_value", "sgd_network"}
+    bad = CliRunner().invoke(app, [*some, "--method", "arima"])
+    assert bad.exit_code == 2 and "unknown methods ['arima']" in bad.output
 
 
 def test_rls_components_score_every_candidate_on_validation_and_test(tmp_path):
