@@ -331,6 +331,7 @@ def online(
     target: Annotated[str | None, typer.Option(help="Target column [default: OT].")] = None,
     quick: Annotated[bool, typer.Option(help="First 1,500 rows, no grids: a smoke run.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the pipelines.")] = 0,
+    date: Annotated[str, typer.Option(help="The date (or timestamp) column.")] = "date",
     method: Annotated[
         list[str] | None,
         typer.Option(
@@ -351,6 +352,7 @@ def online(
         seed=seed,
         methods=tuple(method) if method else METHODS,
         log=lambda line: console.print(line, highlight=False),
+        date=date,
     )
     typer.echo(format_table(report))
 

@@ -85,6 +85,13 @@ def test_bad_files_are_clear_errors(tmp_path):
     pd.read_csv(path).drop(columns="date").to_csv(tmp_path / "nodate.csv", index=False)
     with pytest.raises(ConfigError, match="no 'date' column"):
         load_dataset(tmp_path / "nodate.csv")
+    # Another name for the date column (the bundled scenarios' "timestamp") is --date.
+    renamed = tmp_path / "timestamp.csv"
+    pd.read_csv(path).rename(columns={"date": "timestamp"}).to_csv(renamed, index=False)
+    with pytest.raises(ConfigError, match=r"no 'date' column.*pass --date COL"):
+        load_dataset(renamed)
+    same, plain = load_dataset(renamed, date="timestamp"), load_dataset(path)
+    assert same.columns == plain.columns and np.array_equal(same.values, plain.values)
     with pytest.raises(ConfigError, match="not found"):
         load_dataset(tmp_path / "missing.csv")
     with pytest.raises(ConfigError, match="protocol 'leaky'"):

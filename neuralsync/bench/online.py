@@ -105,8 +105,10 @@ class Dataset:
         }[split]
 
 
-def load_dataset(path: str | Path, target: str | None = None, rows: int | None = None) -> Dataset:
-    """Read a benchmark CSV: a ``date`` column and numeric columns, the target moved last.
+def load_dataset(
+    path: str | Path, target: str | None = None, rows: int | None = None, date: str = "date"
+) -> Dataset:
+    """Read a benchmark CSV: a date column and numeric columns, the target moved last.
 
     Parameters
     ----------
@@ -116,6 +118,8 @@ def load_dataset(path: str | Path, target: str | None = None, rows: int | None =
         The target column, moved last; default ``OT``.
     rows
         Keep only the first rows (a quick run); the borders are those of the shortened file.
+    date
+        The date (or timestamp) column, dropped: the rows are taken in file order.
 
     Examples
     --------
@@ -133,12 +137,13 @@ def load_dataset(path: str | Path, target: str | None = None, rows: int | None =
     if not path.is_file():
         raise ConfigError(f"{path}: data file not found")
     frame = pd.read_csv(path)
-    if "date" not in frame.columns:
+    if date not in frame.columns:
         raise ConfigError(
-            f"{path}: no 'date' column; expected a CSV with a date column and numeric columns "
-            f"(columns found: {', '.join(map(str, frame.columns))})"
+            f"{path}: no '{date}' column; expected a CSV with a date column and numeric columns, "
+            f"pass --date COL for another name (columns found: "
+            f"{', '.join(map(str, frame.columns))})"
         )
-    frame = frame.drop(columns="date")
+    frame = frame.drop(columns=date)
     target = "OT" if target is None else target
     if target not in frame.columns:
         raise ConfigError(
@@ -415,6 +420,7 @@ def run_online(
     seed: int = 0,
     methods: Sequence[str] = METHODS,
     log: Callable[[str], None] | None = None,
+    date: str = "date",
 ) -> dict[str, Any]:
     """Run every method on one dataset, horizon and protocol; write ``out/results.json``.
 
@@ -429,7 +435,7 @@ def run_online(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
-    dataset = load_dataset(data, target, rows=1500 if quick else None)
+    dataset = load_dataset(data, target, rows=1500 if quick else None, date=date)
     delay = 1 if protocol == "fsnet" else horizon
     linear_grid = LINEAR_GRID[:1] if quick else LINEAR_GRID
     lr_grid = (0.01,) if quick else LR_GRID
