@@ -556,14 +556,14 @@ class ResonanceHPO:
             sizes.append(max(1, math.ceil(self.shrink * sizes[-1])))
         return sizes
 
-    def _schedule(self) -> list[tuple[int, float, float]]:
+    def _schedule(self, sizes: list[int]) -> list[tuple[int, float, float]]:
         """Per generation: steps per member, the cooldown's scale at its start, its decay/step.
 
         Every generation costs ``population × steps_per_generation`` steps (rounded down to a
         multiple of its size).
         """
         budget = self.population * self.steps_per_generation
-        steps = [budget // size for size in self.sizes()]
+        steps = [budget // size for size in sizes]
         schedule = [(s, 1.0, 1.0) for s in steps]
         if self.cooldown is not None:
             length, factor = self.cooldown
@@ -650,7 +650,8 @@ class ResonanceHPO:
         self.best_loss_ = math.inf
         self.best_params_: dict[str, float] = dict(members[0])
         self.best_model_: nn.Module | None = None
-        schedule = self._schedule() if batched else None
+        sizes = self.sizes()
+        schedule = self._schedule(sizes) if batched else None
         cooling_from = self.generations - self.cooldown[0] if self.cooldown else math.inf
         steps, start = 0, time.perf_counter()
         for generation in range(self.generations):
@@ -682,8 +683,7 @@ class ResonanceHPO:
             evaluated = [{**m, "loss": v} for m, v in zip(members, losses, strict=True)]
             actions = ["drop"] * len(members)
             if generation + 1 < self.generations:
-                size = self.sizes()[generation + 1]
-                kept = sorted(sorted(range(len(members)), key=lambda i: (losses[i], i))[:size])
+                kept = sorted(self._ranked(losses)[: sizes[generation + 1]])
             else:
                 kept = list(range(len(members)))
             survivors = [members[i] for i in kept]
@@ -698,8 +698,7 @@ class ResonanceHPO:
                 # blind random walk (at a range's edge, a drift away from it).
                 stepped = [(dict(survivors[0]), "keep")]
             else:
-                order = sorted(range(len(survivors)), key=lambda j: (survivor_losses[j], j))
-                elite = set(order[: self.elite])
+                elite = set(self._ranked(survivor_losses)[: self.elite])
                 copied = self._exploit(survivors, survivor_losses, models if batched else None)
                 stepped = [
                     (dict(m), "keep") if j in elite and j not in copied
@@ -727,6 +726,12 @@ class ResonanceHPO:
         self.members_ = members
         return self
 
+    @staticmethod
+    def _ranked(losses: Sequence[float]) -> list[int]:
+        """Member indices from the lowest loss up; ties by position, so every outcome that
+        depends on the ranking is deterministic."""
+        return sorted(range(len(losses)), key=lambda i: (losses[i], i))
+
     def _exploit(
         self, members: list[dict[str, float]], losses: list[float], models: list | None
     ) -> set[int]:
@@ -738,7 +743,7 @@ class ResonanceHPO:
         count = min(round(self.exploit * len(members)), len(members) // 2)
         if count == 0:
             return set()
-        order = sorted(range(len(members)), key=lambda i: (losses[i], i))
+        order = self._ranked(losses)
         for winner, loser in zip(order[:count], order[::-1][:count], strict=True):
             members[loser] = dict(members[winner])
             if models is not None:
