@@ -78,6 +78,12 @@ def _meta(scenario: Scenario) -> Adapter:
     return MetaAdapter.from_scenario(scenario)
 
 
+def _recall(scenario: Scenario) -> Adapter:
+    from neuralsync.recall import RegimeRecall
+
+    return RegimeRecall.from_scenario(scenario)
+
+
 def _evolution(scenario: Scenario) -> Adapter:
     from neuralsync.evolution.adapter import EvolutionAdapter  # scikit-learn: only when used
 
@@ -87,6 +93,7 @@ def _evolution(scenario: Scenario) -> Adapter:
 #: Built-in adapters by name: a factory taking the scenario.
 ADAPTERS: dict[str, Callable[[Scenario], Adapter]] = {
     "fresh_start": lambda scenario: FreshStartAdapter(),
+    "recall": _recall,
     "meta": _meta,
     "evolution": _evolution,
 }
@@ -94,14 +101,15 @@ ADAPTERS: dict[str, Callable[[Scenario], Adapter]] = {
 
 def adapter_names(scenario: Scenario) -> list[str]:
     """The adapters a scenario uses: ``adaptation.adapters``, or when that names none,
-    meta-adaptation (``meta``) and evolution (``evolution``), each unless its ``enabled`` is
-    false.
+    regime recall (``recall``), meta-adaptation (``meta``) and evolution (``evolution``), each
+    unless its ``enabled`` is false.
 
     >>> from neuralsync.config import Scenario
     >>> s = Scenario(name="s", timestamp="t", targets="y")
     >>> adapter_names(s)
-    ['meta', 'evolution']
+    ['recall', 'meta', 'evolution']
     >>> s.adaptation.meta.enabled = False
+    >>> s.adaptation.recall.enabled = False
     >>> adapter_names(s)
     ['evolution']
     >>> s.adaptation.evolution.enabled = False
@@ -118,7 +126,11 @@ def adapter_names(scenario: Scenario) -> list[str]:
     adaptation = scenario.adaptation
     return [
         name
-        for name, config in (("meta", adaptation.meta), ("evolution", adaptation.evolution))
+        for name, config in (
+            ("recall", adaptation.recall),
+            ("meta", adaptation.meta),
+            ("evolution", adaptation.evolution),
+        )
         if config.enabled
     ]
 

@@ -169,6 +169,10 @@ class Proposal:
     #: it (test-then-train, as the live model did); the gate compares these with the live
     #: errors instead of forecasting the canary afterwards. ``None``: the gate forecasts.
     canary_errors: torch.Tensor | None = None
+    #: Relative improvement over the live model's canary error this proposal must reach, on
+    #: top of the gate's own (the larger applies): e.g. a recalled model, which should be far
+    #: better when its regime has truly come back.
+    margin: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -103,6 +103,14 @@ def replay(
             "--set adaptation.meta.enabled=...).",
         ),
     ] = None,
+    recall: Annotated[
+        bool | None,
+        typer.Option(
+            "--recall/--no-recall",
+            help="Regime recall at regime changes (on by default; same as "
+            "--set adaptation.recall.enabled=...).",
+        ),
+    ] = None,
     limit: Annotated[
         int | None,
         typer.Option(help="Stop after this many rows (checkpointed; continue with --resume)."),
@@ -121,6 +129,7 @@ def replay(
         "detector.type": detector,
         "device": device,
         "adaptation.meta.enabled": meta,
+        "adaptation.recall.enabled": recall,
     }
     config = _scenario_for(scenario, resume, _overrides(set_, **named))
     out_dir = resume or out or Path("runs") / config.name

@@ -145,6 +145,21 @@ class MetaConfig(_Strict):
     segment_size: Annotated[int, Field(gt=1)] = 128
 
 
+class RecallConfig(_Strict):
+    """Regime recall (``neuralsync.recall``): at a detection, the stored copy of the live model
+    (one per past regime) that best fits the newest samples is offered to the canary gate."""
+
+    #: Use the ``recall`` adapter when ``adaptation.adapters`` names none (the default).
+    enabled: bool = True
+    #: Copies of the live model kept, one stored at each detection; the oldest is evicted.
+    models: Annotated[int, Field(gt=0)] = 8
+    #: Newest support samples (just before the canary window) the copies are scored on.
+    select: Annotated[int, Field(gt=0)] = 32
+    #: Relative improvement over the live model's canary error a recalled copy must reach: a
+    #: regime that truly recurs makes its own model far better than the live one.
+    margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+
+
 class EvolutionConfig(_Strict):
     """The evolution engine (``neuralsync.evolution``): at a regime change, a population of
     genomes (architecture and optimiser settings) is evolved in the background on the data
@@ -235,7 +250,8 @@ class AdaptationConfig(_Strict):
     """Who reacts to a regime change, and the canary check their proposals must pass."""
 
     #: Names of the adapters that react to a regime change (see ``neuralsync.adaptation``).
-    #: Empty (the default) means meta-adaptation alone while ``meta.enabled``, else none.
+    #: Empty (the default) means regime recall, meta-adaptation and evolution, each while its
+    #: ``enabled`` is true.
     adapters: list[str] = Field(default_factory=list)
     #: Labelled samples just before the canary window that adapters may train on.
     support_size: Annotated[int, Field(gt=0)] = 256
@@ -248,6 +264,8 @@ class AdaptationConfig(_Strict):
     #: counts overlapping horizon-step targets as the correlated evidence they are); 0 takes
     #: any advantage.
     min_z: Annotated[float, Field(ge=0.0)] = 0.0
+    #: Regime recall settings.
+    recall: RecallConfig = Field(default_factory=RecallConfig)
     #: Meta-adaptation settings.
     meta: MetaConfig = Field(default_factory=MetaConfig)
     #: Evolution settings.

@@ -83,7 +83,8 @@ def advantage_z(
 
 
 class CanaryGate(Gate):
-    """Accept a proposal whose canary error beats the live model's by ``margin`` (relative).
+    """Accept a proposal whose canary error beats the live model's by ``margin`` (relative;
+    a proposal's own ``margin``, when larger, applies instead).
 
     For a proposal that carries ``canary_errors`` (errors measured test-then-train over a long
     window, as a deferred search's winner does), ``min_z`` > 0 also asks the advantage to
@@ -127,8 +128,9 @@ class CanaryGate(Gate):
             errors = proposal.learner.squared_errors(canary_x, canary_y).to(torch.float64)
         candidate = float(errors.mean())
         live = float(live_errors.mean())
-        accepted = bool(math.isfinite(candidate) and candidate < live * (1.0 - self.margin))
-        figures = {"candidate_mse": candidate, "live_mse": live, "margin": self.margin}
+        margin = max(self.margin, proposal.margin)
+        accepted = bool(math.isfinite(candidate) and candidate < live * (1.0 - margin))
+        figures = {"candidate_mse": candidate, "live_mse": live, "margin": margin}
         reason = (
             "candidate beats the live model on the canary window"
             if accepted

@@ -248,6 +248,7 @@ def _scenario(**evolution) -> Scenario:
         detector={"type": "adwin", "params": {"delta": 0.01}},
         adaptation={
             "canary_size": 16,
+            "recall": {"enabled": False},
             "meta": {"enabled": False},
             "evolution": {"window": 96, "block_kinds": ["mlp", "tcn"], **options},
         },

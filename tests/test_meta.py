@@ -254,10 +254,11 @@ def _meta_scenario(**settings) -> Scenario:
         "lookback": 8,
         "model": {"type": "linear", "lr": 0.005},
         "detector": {"type": "adwin", "params": {"delta": 0.01}},
-        # Evolution off: these tests watch meta-adaptation alone.
+        # Recall and evolution off: these tests watch meta-adaptation alone.
         "adaptation": {
             "canary_size": 16,
             "meta": {"meta_steps": 5},
+            "recall": {"enabled": False},
             "evolution": {"enabled": False},
         },
     }
@@ -300,7 +301,7 @@ def test_meta_adaptation_is_on_by_default_and_emits_its_events_in_order():
 
 def test_meta_adaptation_switches_off():
     off = _meta_scenario(adaptation={"meta": {"enabled": False}})
-    assert [a.name for a in build_adapters(off)] == ["evolution"]
+    assert [a.name for a in build_adapters(off)] == ["recall", "evolution"]
     named = _meta_scenario(adaptation={"adapters": ["fresh_start"]})
     assert [a.name for a in build_adapters(named)] == ["fresh_start"]
 

@@ -1,9 +1,11 @@
 """``neuralsync bench adaptation``: how fast each way of adapting recovers from regime changes.
 
-Three methods replay the same stream with the same seed and the same live model:
+Four methods replay the same stream with the same seed and the same live model:
 
-- ``meta``: meta-adaptation (:class:`~neuralsync.meta.MetaAdapter`), proposals through the
-  canary gate, as ``neuralsync replay`` runs by default;
+- ``meta``: regime recall (:class:`~neuralsync.recall.RegimeRecall`, at the detection) then
+  meta-adaptation (:class:`~neuralsync.meta.MetaAdapter`, a little later), proposals through
+  the canary gate, as ``neuralsync replay`` runs by default;
+- ``meta_no_recall``: meta-adaptation alone, to show what each part is worth;
 - ``online_sgd``: no adapter, the live model only keeps learning online (one SGD step per
   sample);
 - ``fresh_reset``: at every detection the live model is replaced by a freshly initialised one
@@ -34,7 +36,7 @@ from neuralsync.replay import csv_source
 
 __all__ = ["METHODS", "ResetAdapter", "etth2_scenario", "run_adaptation", "run_method"]
 
-METHODS = ("meta", "online_sgd", "fresh_reset")
+METHODS = ("meta", "meta_no_recall", "online_sgd", "fresh_reset")
 ETTH2_FEATURES = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL"]
 
 
@@ -91,24 +93,27 @@ def run_method(scenario: Scenario, method: str, rows: int | None = None) -> dict
     """Replay ``rows`` rows of ``scenario`` with one method; its forecasts and figures."""
     from neuralsync.meta import MetaAdapter
     from neuralsync.pipeline import Pipeline
+    from neuralsync.recall import RegimeRecall
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     adapters: list[Adapter] = []
     gate: Gate | None = None
     if method == "meta":
+        adapters = [RegimeRecall.from_scenario(scenario), MetaAdapter.from_scenario(scenario)]
+    elif method == "meta_no_recall":
         adapters = [MetaAdapter.from_scenario(scenario)]
     elif method == "fresh_reset":
         adapters, gate = [ResetAdapter()], _AcceptAll()
     pipeline = Pipeline(scenario, adapters=adapters, gate=gate)
     seconds = {"adapter": 0.0}
-    if method == "meta":
-        adapter = adapters[0]
+    for adapter in adapters:
         consult = adapter.on_regime_change
 
-        def timed(*args: Any) -> Proposal:
+        def timed(*args: Any, consult: Callable[..., Any] = consult) -> Proposal | None:
+            started = time.perf_counter()
             proposal = consult(*args)
-            seconds["adapter"] += adapter.last_seconds_
+            seconds["adapter"] += time.perf_counter() - started
             return proposal
 
         adapter.on_regime_change = timed  # type: ignore[method-assign]
@@ -224,7 +229,12 @@ def plot_recovery(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     change = min(change, len(result["changes"]) - 1)
-    colours = {"meta": "tab:blue", "online_sgd": "tab:gray", "fresh_reset": "tab:red"}
+    colours = {
+        "meta": "tab:blue",
+        "meta_no_recall": "tab:cyan",
+        "online_sgd": "tab:gray",
+        "fresh_reset": "tab:red",
+    }
     for method, frame in result["frames"].items():
         scored = frame[(frame["step"] == 1) & frame["truth"].notna()]
         times = _times(scored["timestamp"].to_numpy())
@@ -238,6 +248,7 @@ def plot_recovery(
             rolling[lo:hi],
             color=colours[method],
             linewidth=1.2,
+            linestyle="--" if method == "meta_no_recall" else "-",
             label=f"{method} (lag {lag})",
         )
     ax.axvline(0, color="tab:green", linestyle="--", linewidth=1.2, label="true change point")

@@ -8,9 +8,10 @@ One dataset, one horizon, one protocol; every method in the same run, on the sam
 - ``nlinear_channel``: per-channel NLinear, one map shared by every channel (ridge, then RLS);
 - ``sgd_network``: the pipeline with the default network learned by online SGD, no detector, no
   adaptation;
-- ``neuralsync``: the pipeline with its default settings (detector, meta-adaptation, evolution)
+- ``neuralsync``: the pipeline with its default settings (detector, regime recall,
+  meta-adaptation, evolution)
   and the ``rls`` live model (:mod:`neuralsync.rls`);
-- ``neuralsync_no_adapt``: the same without meta-adaptation and without evolution.
+- ``neuralsync_no_adapt``: the same without regime recall, meta-adaptation and evolution.
 
 The protocol (``../shared/data/README.md``): lookback 60, every column in and out (the target
 last), z-score with the train rows' mean and population std, metrics on that scale over every
@@ -250,7 +251,7 @@ def _scenario(data: Dataset, horizon: int, method: str, lr: float, seed: int):
         "normalization": {"mode": "none"},
         "seed": seed,
     }
-    off = {name: {"enabled": False} for name in ("meta", "evolution")}
+    off = {name: {"enabled": False} for name in ("recall", "meta", "evolution")}
     off = {k: v for k, v in off.items() if k in AdaptationConfig.model_fields}
     if method == "sgd_network":
         settings |= {"model": {"lr": lr}, "detector": {"type": "none"}, "adaptation": off}

@@ -1,0 +1,219 @@
+"""Tests for :mod:`neuralsync.recall`: the library of past regimes' models, the choice among
+them, the margin a recalled model must clear, and its place in the pipeline (events, exact
+resume, switching it off)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from neuralsync.adaptation import adapter_names, build_adapters
+from neuralsync.base import Proposal
+from neuralsync.config import ModelConfig, Scenario
+from neuralsync.errors import ConfigError
+from neuralsync.gates import CanaryGate
+from neuralsync.learner import OnlineLearner
+from neuralsync.pipeline import Pipeline
+from neuralsync.recall import RegimeRecall
+from neuralsync.sources import DataFrameSource
+from neuralsync.state import state_digest
+
+
+def _linear(sign: float, steps: int = 300) -> OnlineLearner:
+    """A linear model that has learned y = sign * x."""
+    config = ModelConfig(type="linear", lr=0.1, subtract_last=False)
+    model = OnlineLearner(config, n_inputs=1, lookback=1, horizon=1, target_index=[0])
+    generator = torch.Generator().manual_seed(int(sign > 0))
+    for _ in range(steps):
+        x = torch.randn(8, 1, 1, generator=generator)
+        model.learn(x, sign * x)
+    return model
+
+
+def test_recall_proposes_the_stored_model_that_fits_the_newest_samples():
+    torch.manual_seed(0)
+    recall = RegimeRecall(models=4, select=16)
+    empty = torch.zeros(0, 1, 1)
+    # The first change: nothing stored yet, so no proposal; the live model is stored.
+    assert recall.on_regime_change(None, _linear(-1.0), empty, empty) is None
+    assert recall.on_regime_change(None, _linear(2.0), empty, empty) is None
+    x = torch.randn(64, 1, 1)
+    # Old samples of y = 2x, then the newest 16 of y = -x: the choice looks at those only.
+    support_y = torch.cat([2 * x[:48], -x[48:]])
+    proposal = recall.on_regime_change(None, _linear(0.5), x, support_y)
+    assert proposal.source == "recall" and proposal.event == "recall"
+    assert proposal.details["chosen"] == 0 and proposal.details["library"] == 2
+    assert proposal.details["select_size"] == 16 and proposal.margin == 0.1
+    assert proposal.details["select_mse"] < 1e-3 < proposal.details["select_mse_worst"]
+    prediction = proposal.learner.predict(torch.ones(1, 1, 1))
+    assert prediction.item() == pytest.approx(-1.0, abs=0.02)
+
+
+def test_the_library_is_bounded_and_holds_copies_that_the_live_model_does_not_move():
+    recall = RegimeRecall(models=2, select=8)
+    live = _linear(1.0)
+    empty = torch.zeros(0, 1, 1)
+    for position in (100, 200, 300):
+        recall.on_regime_change(_change(position), live, empty, empty)
+    assert len(recall.library_) == 2 and recall.stored_at_ == [200, 300]
+    kept = copy.deepcopy(recall.library_[-1]["module"]["net.0.weight"])
+    for _ in range(50):  # the live model goes on learning another regime
+        x = torch.randn(8, 1, 1)
+        live.learn(x, -x)
+    assert torch.equal(kept, recall.library_[-1]["module"]["net.0.weight"])
+    assert not torch.equal(kept, live.module_.net[0].weight.detach())
+
+
+def _change(position: int):
+    from neuralsync.base import RegimeChange
+
+    return RegimeChange(position, float(position), None, "adwin")
+
+
+def test_a_recalled_model_must_beat_the_live_one_by_its_margin():
+    live = _linear(1.0)
+    x = torch.randn(32, 1, 1)
+    y = 1.2 * x
+    live_errors = live.squared_errors(x, y)
+    better = _linear(1.1)  # about 75 % lower canary error than the live model
+    slightly = copy.deepcopy(live)
+    with torch.no_grad():
+        slightly.module_.net[0].weight.mul_(1.01)  # a few per cent lower
+    gate = CanaryGate()
+    assert gate.decide(Proposal(slightly, "recall", margin=0.0), live_errors, x, y).accepted
+    refused = gate.decide(Proposal(slightly, "recall", margin=0.1), live_errors, x, y)
+    assert not refused.accepted and refused.figures["margin"] == 0.1
+    assert gate.decide(Proposal(better, "recall", margin=0.1), live_errors, x, y).accepted
+    # The gate's own margin still applies when it is the larger.
+    assert (
+        not CanaryGate(margin=0.9)
+        .decide(Proposal(better, "recall", margin=0.1), live_errors, x, y)
+        .accepted
+    )
+
+
+def test_bad_settings_are_refused(tmp_path):
+    from neuralsync.config import load_scenario
+
+    with pytest.raises(ValueError, match="at least 1"):
+        RegimeRecall(models=0)
+    with pytest.raises(ValueError, match="margin"):
+        RegimeRecall(margin=1.0)
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ntimestamp: t\ntargets: [y]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"adaptation\.recall\.margin"):
+        load_scenario(path, {"adaptation.recall.margin": 1.5})
+
+
+# -- in the pipeline ----------------------------------------------------------------------------
+
+
+def _recurring_frame(n: int = 2100) -> pd.DataFrame:
+    """y switches between two dynamics every 350 rows, so each comes back twice."""
+    rng = np.random.default_rng(0)
+    y = np.zeros(n)
+    for t in range(1, n):
+        a = 0.9 if (t // 350) % 2 == 0 else -0.8
+        y[t] = a * y[t - 1] + rng.normal(0, 0.5)
+    return pd.DataFrame({"t": np.arange(n, dtype=float), "y": y})
+
+
+def _scenario(**settings) -> Scenario:
+    options = {
+        "name": "recall",
+        "timestamp": "t",
+        "targets": "y",
+        "lookback": 8,
+        "model": {"type": "linear", "lr": 0.005},
+        "detector": {"type": "adwin", "params": {"delta": 0.01}},
+        # Meta-adaptation and evolution off: these tests watch recall alone.
+        "adaptation": {
+            "canary_size": 16,
+            "meta": {"enabled": False},
+            "evolution": {"enabled": False},
+        },
+    }
+    options.update(settings)
+    return Scenario(**options)
+
+
+def _feed(pipeline: Pipeline, frame: pd.DataFrame, start: int = 0) -> list:
+    source = DataFrameSource(frame, timestamp="t", columns=["y"], chunk_size=50)
+    source.seek(start)
+    out = []
+    for batch in source:
+        out += pipeline.process(batch)
+    return out
+
+
+def _run(scenario: Scenario, frame: pd.DataFrame) -> tuple[Pipeline, list, list[dict]]:
+    pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
+    events: list[dict] = []
+    pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
+    return pipeline, _feed(pipeline, frame), events
+
+
+def test_recall_brings_back_a_regime_model_at_the_detection_and_lowers_the_error():
+    scenario = _scenario()
+    assert adapter_names(scenario) == ["recall"]
+    frame = _recurring_frame()
+    pipeline, _, events = _run(scenario, frame)
+    types = [e["type"] for e in events]
+    recalls = [i for i, t in enumerate(types) if t == "recall"]
+    assert recalls, "no detection after the first stored a model"
+    for i in recalls:
+        decision, detection = events[i + 1], events[i - 1]
+        # Consulted at once: the same position as the detection, no adaptation_scheduled.
+        assert detection["type"] == "regime_change"
+        assert decision["type"] == "gate_decision" and decision["source"] == "recall"
+        assert events[i]["position"] == detection["position"] == decision["position"]
+        assert {"library", "chosen", "select_mse", "candidate_mse", "live_mse"} <= set(events[i])
+    accepted = [events[i] for i in recalls if events[i]["accepted"]]
+    assert accepted and all(e["candidate_mse"] < 0.9 * e["live_mse"] for e in accepted)
+    assert "adaptation_scheduled" not in types
+    off = _scenario(adaptation={"canary_size": 16, "adapters": []} | _OFF)
+    baseline, _, _ = _run(off, frame)
+    assert pipeline.metrics()["mse"] < baseline.metrics()["mse"]
+
+
+_OFF = {"recall": {"enabled": False}, "meta": {"enabled": False}, "evolution": {"enabled": False}}
+
+
+def test_a_run_stopped_after_models_were_stored_resumes_bit_identically():
+    scenario = _scenario()
+    frame = _recurring_frame()
+    straight, expected, events = _run(scenario, frame)
+    first_recall = next(e for e in events if e["type"] == "recall")
+    stop = first_recall["position"] + 30
+
+    first = Pipeline(scenario, adapters=build_adapters(scenario))
+    head = _feed(first, frame.iloc[:stop])
+    snapshot = copy.deepcopy(first.state_dict())
+    assert len(snapshot["adapters"]["recall"]["library"]) == 2
+    second = Pipeline(scenario, adapters=build_adapters(scenario))
+    second.load_state_dict(snapshot)
+    tail = _feed(second, frame, start=stop)
+    assert head + tail == expected
+    assert state_digest(second.state_dict()) == state_digest(straight.state_dict())
+
+
+def test_recall_switches_off_from_the_scenario_and_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from neuralsync.cli import app
+
+    assert adapter_names(Scenario(name="s", timestamp="t", targets="y"))[0] == "recall"
+    assert adapter_names(_scenario(adaptation=_OFF)) == []
+    runner = CliRunner()
+    for flags, enabled in (([], True), (["--no-recall"], False)):
+        out = tmp_path / str(enabled)
+        args = ["replay", "default", "--out", str(out), "--limit", "200", "--no-progress"]
+        result = runner.invoke(app, [*args, "--no-report", *flags])
+        assert result.exit_code == 0, result.output
+        saved = json.loads((out / "scenario.json").read_text(encoding="utf-8"))
+        assert saved["adaptation"]["recall"]["enabled"] is enabled
