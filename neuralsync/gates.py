@@ -131,10 +131,11 @@ class CanaryGate(Gate):
         margin = max(self.margin, proposal.margin)
         accepted = bool(math.isfinite(candidate) and candidate < live * (1.0 - margin))
         figures = {"candidate_mse": candidate, "live_mse": live, "margin": margin}
+        by = f" by {margin:.0%}" if margin > 0 else ""
         reason = (
-            "candidate beats the live model on the canary window"
+            f"candidate beats the live model on the canary window{by}"
             if accepted
-            else "candidate does not beat the live model on the canary window"
+            else f"candidate does not beat the live model on the canary window{by}"
         )
         if len(errors) > 1:
             # The advantage should stand out from sample-to-sample noise (a paired z-score of

@@ -88,6 +88,7 @@ def test_a_recalled_model_must_beat_the_live_one_by_its_margin():
     assert gate.decide(Proposal(slightly, "recall", margin=0.0), live_errors, x, y).accepted
     refused = gate.decide(Proposal(slightly, "recall", margin=0.1), live_errors, x, y)
     assert not refused.accepted and refused.figures["margin"] == 0.1
+    assert refused.reason.endswith("canary window by 10%")
     assert gate.decide(Proposal(better, "recall", margin=0.1), live_errors, x, y).accepted
     # The gate's own margin still applies when it is the larger.
     assert (
