@@ -6,9 +6,9 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
+from stream_support import feed, stop_and_resume, switching_frame
 from torch.func import grad
 
 from neuralsync.adaptation import adapter_names, build_adapters
@@ -17,7 +17,6 @@ from neuralsync.learner import OnlineLearner
 from neuralsync.meta import MetaAdapter, RegimeMemory, adapt, meta_gradient, mse_loss
 from neuralsync.models import WindowMLP
 from neuralsync.pipeline import Pipeline
-from neuralsync.sources import DataFrameSource
 from neuralsync.state import state_digest
 
 # -- meta-gradients ---------------------------------------------------------------------------
@@ -236,16 +235,6 @@ def test_adapter_details_name_the_steps_support_and_losses():
 # -- in the pipeline ---------------------------------------------------------------------------
 
 
-def _switching_frame(n: int = 1400) -> pd.DataFrame:
-    """y alternates between two dynamics every 350 rows."""
-    rng = np.random.default_rng(0)
-    y = np.zeros(n)
-    for t in range(1, n):
-        a = 0.9 if (t // 350) % 2 == 0 else -0.8
-        y[t] = a * y[t - 1] + rng.normal(0, 0.5)
-    return pd.DataFrame({"t": np.arange(n, dtype=float), "y": y})
-
-
 def _meta_scenario(**settings) -> Scenario:
     options = {
         "name": "meta",
@@ -266,22 +255,13 @@ def _meta_scenario(**settings) -> Scenario:
     return Scenario(**options)
 
 
-def _feed(pipeline: Pipeline, frame: pd.DataFrame, start: int = 0) -> list:
-    source = DataFrameSource(frame, timestamp="t", columns=["y"], chunk_size=50)
-    source.seek(start)
-    out = []
-    for batch in source:
-        out += pipeline.process(batch)
-    return out
-
-
 def test_meta_adaptation_is_on_by_default_and_emits_its_events_in_order():
     scenario = _meta_scenario()
     assert adapter_names(scenario) == ["meta"]
     pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
     events = []
     pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
-    _feed(pipeline, _switching_frame())
+    feed(pipeline, switching_frame())
     types = [e["type"] for e in events]
     assert "adaptation_scheduled" in types and "meta_adapt" in types
     for i, event in enumerate(events):
@@ -308,22 +288,17 @@ def test_meta_adaptation_switches_off():
 
 def test_a_run_stopped_between_a_detection_and_its_adaptation_resumes_bit_identically():
     scenario = _meta_scenario()
-    frame = _switching_frame()
+    frame = switching_frame()
     straight = Pipeline(scenario, adapters=build_adapters(scenario))
     events = []
     straight.events.subscribe(lambda e: events.append(e.to_dict()))
-    expected = _feed(straight, frame)
+    expected = feed(straight, frame)
     scheduled = next(e for e in events if e["type"] == "adaptation_scheduled")
     stop = scheduled["position"] + 5  # the adapter waits for samples: its turn is pending
 
-    first = Pipeline(scenario, adapters=build_adapters(scenario))
-    head = _feed(first, frame.iloc[:stop])
-    snapshot = copy.deepcopy(first.state_dict())
+    resumed, second, snapshot = stop_and_resume(scenario, frame, stop)
     assert snapshot["scheduled"] and snapshot["adapters"]["meta"]["learner"] is None
-    second = Pipeline(scenario, adapters=build_adapters(scenario))
-    second.load_state_dict(snapshot)
-    tail = _feed(second, frame, start=stop)
-    assert head + tail == expected
+    assert resumed == expected
     assert state_digest(second.state_dict()) == state_digest(straight.state_dict())
     assert straight.state_dict()["adapters"]["meta"]["learner"] is not None
 
@@ -333,11 +308,11 @@ def test_an_rls_proposal_is_judged_on_samples_after_the_consultation_and_resumes
     copies them is deferred and judged on the next samples instead, after catching up on them
     as the live model did. A run stopped while it is pending resumes bit-identically."""
     scenario = _meta_scenario(model={"type": "rls", "hidden": [4], "lr": 0.005})
-    frame = _switching_frame()
+    frame = switching_frame()
     straight = Pipeline(scenario, adapters=build_adapters(scenario))
     events = []
     straight.events.subscribe(lambda e: events.append(e.to_dict()))
-    expected = _feed(straight, frame)
+    expected = feed(straight, frame)
     started = [e for e in events if e["type"] == "adaptation_started"]
     judged = [e for e in events if e["type"] == "meta_adapt"]
     assert started and len(judged) == len(started)
@@ -346,14 +321,9 @@ def test_an_rls_proposal_is_judged_on_samples_after_the_consultation_and_resumes
         assert verdict["position"] >= start["position"] + 16
 
     stop = started[0]["position"] + 5
-    first = Pipeline(scenario, adapters=build_adapters(scenario))
-    head = _feed(first, frame.iloc[:stop])
-    snapshot = copy.deepcopy(first.state_dict())
+    resumed, second, snapshot = stop_and_resume(scenario, frame, stop)
     assert [entry[2] for entry in snapshot["deferred"]] == ["meta"]
-    second = Pipeline(scenario, adapters=build_adapters(scenario))
-    second.load_state_dict(snapshot)
-    tail = _feed(second, frame, start=stop)
-    assert head + tail == expected
+    assert resumed == expected
     assert state_digest(second.state_dict()) == state_digest(straight.state_dict())
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
+from stream_support import feed, stop_and_resume, switching_frame
 
 from neuralsync.adaptation import adapter_names, build_adapters
 from neuralsync.base import Proposal
@@ -20,7 +20,6 @@ from neuralsync.gates import CanaryGate
 from neuralsync.learner import OnlineLearner
 from neuralsync.pipeline import Pipeline
 from neuralsync.recall import RegimeRecall
-from neuralsync.sources import DataFrameSource
 from neuralsync.state import state_digest
 
 
@@ -114,16 +113,6 @@ def test_bad_settings_are_refused(tmp_path):
 # -- in the pipeline ----------------------------------------------------------------------------
 
 
-def _recurring_frame(n: int = 2100) -> pd.DataFrame:
-    """y switches between two dynamics every 350 rows, so each comes back twice."""
-    rng = np.random.default_rng(0)
-    y = np.zeros(n)
-    for t in range(1, n):
-        a = 0.9 if (t // 350) % 2 == 0 else -0.8
-        y[t] = a * y[t - 1] + rng.normal(0, 0.5)
-    return pd.DataFrame({"t": np.arange(n, dtype=float), "y": y})
-
-
 def _scenario(**settings) -> Scenario:
     options = {
         "name": "recall",
@@ -143,26 +132,17 @@ def _scenario(**settings) -> Scenario:
     return Scenario(**options)
 
 
-def _feed(pipeline: Pipeline, frame: pd.DataFrame, start: int = 0) -> list:
-    source = DataFrameSource(frame, timestamp="t", columns=["y"], chunk_size=50)
-    source.seek(start)
-    out = []
-    for batch in source:
-        out += pipeline.process(batch)
-    return out
-
-
 def _run(scenario: Scenario, frame: pd.DataFrame) -> tuple[Pipeline, list, list[dict]]:
     pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
     events: list[dict] = []
     pipeline.events.subscribe(lambda e: events.append(e.to_dict()))
-    return pipeline, _feed(pipeline, frame), events
+    return pipeline, feed(pipeline, frame), events
 
 
 def test_recall_brings_back_a_regime_model_at_the_detection_and_lowers_the_error():
     scenario = _scenario()
     assert adapter_names(scenario) == ["recall"]
-    frame = _recurring_frame()
+    frame = switching_frame(2100)
     pipeline, _, events = _run(scenario, frame)
     types = [e["type"] for e in events]
     recalls = [i for i, t in enumerate(types) if t == "recall"]
@@ -187,19 +167,14 @@ _OFF = {"recall": {"enabled": False}, "meta": {"enabled": False}, "evolution": {
 
 def test_a_run_stopped_after_models_were_stored_resumes_bit_identically():
     scenario = _scenario()
-    frame = _recurring_frame()
+    frame = switching_frame(2100)
     straight, expected, events = _run(scenario, frame)
     first_recall = next(e for e in events if e["type"] == "recall")
     stop = first_recall["position"] + 30
 
-    first = Pipeline(scenario, adapters=build_adapters(scenario))
-    head = _feed(first, frame.iloc[:stop])
-    snapshot = copy.deepcopy(first.state_dict())
+    resumed, second, snapshot = stop_and_resume(scenario, frame, stop)
     assert len(snapshot["adapters"]["recall"]["library"]) == 2
-    second = Pipeline(scenario, adapters=build_adapters(scenario))
-    second.load_state_dict(snapshot)
-    tail = _feed(second, frame, start=stop)
-    assert head + tail == expected
+    assert resumed == expected
     assert state_digest(second.state_dict()) == state_digest(straight.state_dict())
 
 
