@@ -24,7 +24,6 @@ resume exact, for a saving of a few hundred milliseconds per regime change.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -387,8 +386,6 @@ class MetaAdapter(Adapter):
         self.meta_updates_ = 0
         self.changes_ = 0
         self.last_change_position_: int | None = None
-        #: Wall seconds of the last consultation (meta-training and adaptation); not state.
-        self.last_seconds_ = 0.0
 
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> MetaAdapter:
@@ -413,7 +410,6 @@ class MetaAdapter(Adapter):
         support_x: torch.Tensor,
         support_y: torch.Tensor,
     ) -> Proposal | Deferred:
-        started = time.perf_counter()
         c = self.config
         device = live.device
         support_x = support_x.to(device, torch.float32)
@@ -446,7 +442,6 @@ class MetaAdapter(Adapter):
         self.changes_ += 1
         if change is not None:
             self.last_change_position_ = change.position
-        self.last_seconds_ = time.perf_counter() - started
         details = {
             "algorithm": c.algorithm,
             "meta_sgd": meta.rates is not None,
