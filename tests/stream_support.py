@@ -25,6 +25,23 @@ def switching_frame(n: int = 1400) -> pd.DataFrame:
     return pd.DataFrame({"t": np.arange(n, dtype=float), "y": y})
 
 
+def switching_scenario(name: str, adaptation: dict[str, Any], /, **settings: Any) -> Scenario:
+    """The scenario of the switching stream's tests: a linear live model that learns slowly
+    (lr 0.005), ADWIN at delta 0.01, a 16-sample canary and ``adaptation`` beside it;
+    ``settings`` replace whole fields (``adaptation`` included, which drops the canary size)."""
+    options = {
+        "name": name,
+        "timestamp": "t",
+        "targets": "y",
+        "lookback": 8,
+        "model": {"type": "linear", "lr": 0.005},
+        "detector": {"type": "adwin", "params": {"delta": 0.01}},
+        "adaptation": {"canary_size": 16, **adaptation},
+    }
+    options.update(settings)
+    return Scenario(**options)
+
+
 def feed(pipeline: Pipeline, frame: pd.DataFrame, start: int = 0) -> list:
     """Stream ``frame`` from row ``start`` through ``pipeline`` in chunks of 50; its forecasts."""
     source = DataFrameSource(frame, timestamp="t", columns=["y"], chunk_size=50)

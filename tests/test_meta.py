@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from stream_support import feed, stop_and_resume, switching_frame
+from stream_support import feed, stop_and_resume, switching_frame, switching_scenario
 from torch.func import grad
 
 from neuralsync.adaptation import adapter_names, build_adapters
@@ -236,23 +236,9 @@ def test_adapter_details_name_the_steps_support_and_losses():
 
 
 def _meta_scenario(**settings) -> Scenario:
-    options = {
-        "name": "meta",
-        "timestamp": "t",
-        "targets": "y",
-        "lookback": 8,
-        "model": {"type": "linear", "lr": 0.005},
-        "detector": {"type": "adwin", "params": {"delta": 0.01}},
-        # Recall and evolution off: these tests watch meta-adaptation alone.
-        "adaptation": {
-            "canary_size": 16,
-            "meta": {"meta_steps": 5},
-            "recall": {"enabled": False},
-            "evolution": {"enabled": False},
-        },
-    }
-    options.update(settings)
-    return Scenario(**options)
+    # Recall and evolution off: these tests watch meta-adaptation alone.
+    off = {"recall": {"enabled": False}, "evolution": {"enabled": False}}
+    return switching_scenario("meta", {"meta": {"meta_steps": 5}, **off}, **settings)
 
 
 def test_meta_adaptation_is_on_by_default_and_emits_its_events_in_order():

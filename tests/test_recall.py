@@ -10,7 +10,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from stream_support import feed, stop_and_resume, switching_frame
+from stream_support import feed, stop_and_resume, switching_frame, switching_scenario
 
 from neuralsync.adaptation import adapter_names, build_adapters
 from neuralsync.base import Proposal
@@ -114,22 +114,9 @@ def test_bad_settings_are_refused(tmp_path):
 
 
 def _scenario(**settings) -> Scenario:
-    options = {
-        "name": "recall",
-        "timestamp": "t",
-        "targets": "y",
-        "lookback": 8,
-        "model": {"type": "linear", "lr": 0.005},
-        "detector": {"type": "adwin", "params": {"delta": 0.01}},
-        # Meta-adaptation and evolution off: these tests watch recall alone.
-        "adaptation": {
-            "canary_size": 16,
-            "meta": {"enabled": False},
-            "evolution": {"enabled": False},
-        },
-    }
-    options.update(settings)
-    return Scenario(**options)
+    # Meta-adaptation and evolution off: these tests watch recall alone.
+    off = {"meta": {"enabled": False}, "evolution": {"enabled": False}}
+    return switching_scenario("recall", off, **settings)
 
 
 def _run(scenario: Scenario, frame: pd.DataFrame) -> tuple[Pipeline, list, list[dict]]:
