@@ -238,7 +238,7 @@ def _linear(
 
 
 def _scenario(data: Dataset, horizon: int, method: str, lr: float, seed: int):
-    from neuralsync.config import AdaptationConfig, Scenario
+    from neuralsync.config import Scenario
 
     settings: dict[str, Any] = {
         "name": f"bench-{data.name}-{method}",
@@ -252,7 +252,6 @@ def _scenario(data: Dataset, horizon: int, method: str, lr: float, seed: int):
         "seed": seed,
     }
     off = {name: {"enabled": False} for name in ("recall", "meta", "evolution")}
-    off = {k: v for k, v in off.items() if k in AdaptationConfig.model_fields}
     if method == "sgd_network":
         settings |= {"model": {"lr": lr}, "detector": {"type": "none"}, "adaptation": off}
     elif method == "neuralsync":
