@@ -76,6 +76,16 @@ class ModelConfig(_Strict):
     #: weight the experts (and of the records ``rls_selection: leader`` compares): at horizon
     #: H they forget H times slower, since neighbouring windows' targets overlap.
     mixture_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] = 0.999
+    #: With ``type: rls``: strengths of the mixture's prior, which pulls every expert's weight
+    #: towards zero (the forecast towards the last value), each in samples of the target's
+    #: mean square. One mixture per strength is kept; the forecast uses the one whose
+    #: discounted out-of-sample error, over every step and target, is lowest so far.
+    mixture_shrinkage: Annotated[list[Annotated[float, Field(gt=0.0)]], Field(min_length=1)] = [
+        1.0,
+        10.0,
+        100.0,
+        1000.0,
+    ]
     #: With ``type: rls``: ``mixture`` forecasts with the mixture of the experts; ``leader``, per
     #: step and target, with whichever of the mixture, each expert alone and the last value has
     #: the lowest discounted out-of-sample squared error so far.

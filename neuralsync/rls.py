@@ -15,7 +15,13 @@ observed value (NLinear's "subtract last"):
 The mixture is ``last + sum_e w[h, t, e] * change_e[h, t]``: for every step ``h`` and target
 ``t`` a weight per expert, the least-squares combination of the experts' past forecasts (each
 taken when it was issued, so out of sample), discounted by ``mixture_forgetting`` and shrunk
-towards equal weights.
+towards zero, that is towards the last value: with no evidence that the experts forecast
+the change, the forecast is persistence. How strongly is chosen online: one mixture per
+strength in ``mixture_shrinkage`` (in samples of the target's mean square, so the same setting
+means the same on every scale), and the forecast comes from the one with the lowest discounted
+out-of-sample error so far, over every step and target (one choice, so it is not noisy).
+Where the experts forecast well the weakest shrinkage leads; on a series close to a random walk
+(exchange rates) the strongest does, and the forecast stays close to the last value.
 
 A least-squares mixture of few, correlated experts is noisy where its samples are few: at long
 horizons the truth arrives ``horizon`` steps late and neighbouring windows' targets overlap, and
@@ -50,9 +56,8 @@ __all__ = ["RLS", "RLSLearner", "learner_from_state_dict"]
 EXPERTS = ("channel", "window", "network")
 #: What the forecast is selected from, per step and target, in the order of ``track_``.
 CANDIDATES = ("mixture", *EXPERTS, "last_value")
-#: Shrinkage of the mixture weights towards equal weights, in units of one sample's squared
-#: forecast change: weak, it only steadies the weights before enough forecasts were scored.
-_MIX_PRIOR = 1.0
+#: Least prior strength of the mixture (a series whose target never moved has no scale).
+_MIN_STRENGTH = 1e-12
 
 
 class RLS:
@@ -254,10 +259,16 @@ class RLSLearner(OnlineLearner):
             lookback * n_inputs + 1, horizon * n_targets, window_alpha, window_forgetting
         )
         n_experts = len(EXPERTS)
-        self.prior_ = np.full(n_experts, 1.0 / n_experts)
         self.gram_ = np.zeros((horizon, n_targets, n_experts, n_experts))
         self.moment_ = np.zeros((horizon, n_targets, n_experts))
-        self.weights_ = np.broadcast_to(self.prior_, self.moment_.shape).copy()
+        # The prior's scale: the discounted mean square of the target's change.
+        self.target_square_ = np.zeros((horizon, n_targets))
+        self.target_count_ = 0.0
+        self.shrinkage_ = np.asarray(config.mixture_shrinkage, dtype=np.float64)
+        # One mixture per prior strength; weights_ are those of the one in use (the leader).
+        self.shrunk_weights_ = np.zeros((len(self.shrinkage_), *self.moment_.shape))
+        self.shrinkage_track_ = np.zeros(len(self.shrinkage_))
+        self.weights_ = self.shrunk_weights_[0].copy()
         # Discounted out-of-sample squared error of each candidate, per step and target; all
         # equal at the start, where the leader is the mixture (the first candidate).
         self.track_ = np.zeros((horizon, n_targets, len(CANDIDATES)))
@@ -304,19 +315,29 @@ class RLSLearner(OnlineLearner):
         return np.concatenate([flat, np.ones((len(windows), 1))], axis=1)
 
     def _mixture_weights(self) -> np.ndarray:
-        """Least-squares weights per step and target, shrunk towards equal weights."""
-        eye = np.eye(len(EXPERTS)) * _MIX_PRIOR
+        """Least-squares weights per strength, step and target, shrunk towards zero:
+        ``(len(mixture_shrinkage), horizon, targets, experts)``."""
+        scale = self.target_square_ / max(self.target_count_, _MIN_STRENGTH)
+        strength = np.maximum(self.shrinkage_[:, None, None] * scale, _MIN_STRENGTH)
+        eye = np.eye(len(EXPERTS))
         return np.linalg.solve(
-            self.gram_ + eye, (self.moment_ + _MIX_PRIOR * self.prior_)[..., None]
+            self.gram_ + strength[..., None, None] * eye, self.moment_[..., None]
         )[..., 0]
+
+    def _mixtures(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates (:meth:`candidates`) and every strength's mixture, ``(batch,
+        horizon, targets, len(mixture_shrinkage))``: what the shrinkage's record scores."""
+        changes = self._changes(windows)
+        mixtures = np.einsum("bhte,khte->bhtk", changes, self.shrunk_weights_)
+        mixture = (changes * self.weights_).sum(-1, keepdims=True)
+        candidates = np.concatenate([mixture, changes, np.zeros_like(mixture)], axis=-1)
+        return candidates, mixtures
 
     def candidates(self, windows: np.ndarray) -> np.ndarray:
         """Each candidate's forecast of the change from the last value, for ``(batch,
         lookback, inputs)`` windows: ``(batch, horizon, targets, len(CANDIDATES))``. Nothing is
         remembered (``predict`` is what issues a forecast)."""
-        changes = self._changes(windows)
-        mixture = (changes * self.weights_).sum(-1, keepdims=True)
-        return np.concatenate([mixture, changes, np.zeros_like(mixture)], axis=-1)
+        return self._mixtures(windows)[0]
 
     def _select(self, candidates: np.ndarray) -> np.ndarray:
         if self.config.rls_selection == "mixture":
@@ -326,10 +347,12 @@ class RLSLearner(OnlineLearner):
 
     def _forecast(self, windows: np.ndarray, remember: bool) -> tuple[np.ndarray, np.ndarray]:
         windows = _as_array(windows)
-        candidates = self.candidates(windows)
+        candidates, mixtures = self._mixtures(windows)
         if remember:
-            for window, candidate in zip(windows, candidates, strict=True):
-                self._remember(_digest(window), candidate)
+            for window, issued in zip(
+                windows, np.concatenate([candidates, mixtures], axis=-1), strict=True
+            ):
+                self._remember(_digest(window), issued)
         last = windows[:, -1, self.target_index]
         return last[:, None, :] + self._select(candidates), candidates
 
@@ -370,15 +393,19 @@ class RLSLearner(OnlineLearner):
             return float("nan")
         ti = self.target_index
         last = windows[:, -1, ti]
-        candidates = np.empty((*truths.shape, len(CANDIDATES)))
+        n_candidates, n_strengths = len(CANDIDATES), len(self.shrinkage_)
         issued = [self.issued_.pop(_digest(window), None) for window in windows]
-        missing = [i for i, candidate in enumerate(issued) if candidate is None]
+        missing = [
+            i
+            for i, forecast in enumerate(issued)
+            if forecast is None or forecast.shape[-1] != n_candidates + n_strengths
+        ]
         if missing:  # never forecast (or forgotten): the candidates as they are now
-            issued_now = self.candidates(windows[missing])
+            issued_now = np.concatenate(self._mixtures(windows[missing]), axis=-1)
             for j, i in enumerate(missing):
                 issued[i] = issued_now[j]
-        for i, candidate in enumerate(issued):
-            candidates[i] = candidate
+        stacked = np.stack(issued)
+        candidates, mixtures = stacked[..., :n_candidates], stacked[..., n_candidates:]
         loss = float(((last[:, None, :] + self._select(candidates) - truths) ** 2).mean())
         # The network learns first, with the plain learner's step (and its own non-finite checks).
         super().learn(windows.astype(np.float32), truths.astype(np.float32))
@@ -386,10 +413,17 @@ class RLSLearner(OnlineLearner):
         decay = self._mixture_decay ** len(windows)
         errors = ((candidates - target[..., None]) ** 2).sum(0)
         self.track_ = decay * self.track_ + errors
+        self.shrinkage_track_ = decay * self.shrinkage_track_ + (
+            (mixtures - target[..., None]) ** 2
+        ).sum((0, 1, 2))
         changes = candidates[..., 1 : 1 + len(EXPERTS)]
         self.gram_ = decay * self.gram_ + np.einsum("bhte,bhtf->htef", changes, changes)
         self.moment_ = decay * self.moment_ + np.einsum("bhte,bht->hte", changes, target)
-        self.weights_ = self._mixture_weights()
+        self.target_square_ = decay * self.target_square_ + (target**2).sum(0)
+        self.target_count_ = decay * self.target_count_ + len(windows)
+        self.shrunk_weights_ = self._mixture_weights()
+        # Ties go to the first (the weakest shrinkage).
+        self.weights_ = self.shrunk_weights_[int(self.shrinkage_track_.argmin())].copy()
         for window, change in zip(windows, target, strict=True):
             rel = np.concatenate([(window[:, ti] - window[-1, ti]).T, np.ones((len(ti), 1))], 1)
             self.channel_.learn(rel, change.T)
@@ -403,7 +437,15 @@ class RLSLearner(OnlineLearner):
         twin = super().clone()
         twin.channel_ = copy.deepcopy(self.channel_)
         twin.window_ = copy.deepcopy(self.window_)
-        for name in ("gram_", "moment_", "weights_", "track_"):
+        for name in (
+            "gram_",
+            "moment_",
+            "weights_",
+            "track_",
+            "target_square_",
+            "shrunk_weights_",
+            "shrinkage_track_",
+        ):
             setattr(twin, name, getattr(self, name).copy())
         twin.issued_ = collections.OrderedDict((k, v.copy()) for k, v in self.issued_.items())
         return twin
@@ -444,6 +486,10 @@ class RLSLearner(OnlineLearner):
             "moment": torch.from_numpy(self.moment_.copy()),
             "weights": torch.from_numpy(self.weights_.copy()),
             "track": torch.from_numpy(self.track_.copy()),
+            "target_square": torch.from_numpy(self.target_square_.copy()),
+            "target_count": float(self.target_count_),
+            "shrunk_weights": torch.from_numpy(self.shrunk_weights_.copy()),
+            "shrinkage_track": torch.from_numpy(self.shrinkage_track_.copy()),
             "issued_keys": [k for k, _ in issued],
             "issued": torch.from_numpy(np.stack([v for _, v in issued]))
             if issued
@@ -471,8 +517,18 @@ class RLSLearner(OnlineLearner):
             learner.issued_ = collections.OrderedDict(
                 (k, issued[i].copy()) for i, k in enumerate(rls["issued_keys"])
             )
+        if "shrinkage_track" in rls:
+            learner.target_square_ = rls["target_square"].numpy().copy()
+            learner.target_count_ = float(rls["target_count"])
+            learner.shrunk_weights_ = rls["shrunk_weights"].numpy().copy()
+            learner.shrinkage_track_ = rls["shrinkage_track"].numpy().copy()
+        else:
+            # From before the online shrinkage: every strength starts from the weights the
+            # checkpoint forecast with, and the target's scale is learned from here on.
+            learner.shrunk_weights_[:] = learner.weights_
         # A checkpoint from before the selection (no track records, forecasts of the experts
-        # only) starts with equal records and recomputes the pending forecasts when learned.
+        # only) starts with equal records; pending forecasts stored without every strength's
+        # mixture are recomputed when learned.
         return learner
 
 

@@ -316,3 +316,107 @@ def test_the_leader_falls_back_to_the_last_value_on_a_random_walk():
     assert scores["leader"] < scores["mixture"]
     assert scores["leader"] < 1.02 * last_value
     assert (leaders == CANDIDATES.index("last_value")).mean() >= 0.5
+
+
+def _random_walk(n: int = 1400, lookback: int = 8, horizon: int = 4, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    walk = np.cumsum(rng.normal(size=(n, 2)), axis=0).astype(np.float32)
+    x = np.stack([walk[i : i + lookback] for i in range(n - lookback - horizon)])
+    y = np.stack([walk[i + lookback : i + lookback + horizon] for i in range(len(x))])
+    return x, y
+
+
+def _stream_mixture(x, y, horizon, config, score_from):
+    """Test-then-train with a label delay of ``horizon``; the mean squared error from
+    ``score_from`` on, and the learner."""
+    torch.manual_seed(0)
+    learner = RLSLearner(config, x.shape[2], x.shape[1], horizon, list(range(x.shape[2])))
+    errors = []
+    for i in range(len(x)):
+        forecast = learner.predict(x[i : i + 1])
+        if i >= score_from:
+            errors.append(float(((forecast - y[i : i + 1]) ** 2).mean()))
+        if i >= horizon:
+            learner.learn(x[i - horizon : i - horizon + 1], y[i - horizon : i - horizon + 1])
+    return float(np.mean(errors)), learner
+
+
+def test_the_mixture_shrinks_towards_the_last_value_where_the_experts_do_not_forecast():
+    """On a random walk the strongest shrinkage leads and the forecast stays within 1 % of
+    the last value's error; where the experts forecast well the weakest leads."""
+    x, y = _random_walk()
+    mse, learner = _stream_mixture(x, y, 4, ModelConfig(type="rls", lr=0.05), 600)
+    last_value = float(((y[600:] - x[600:, -1:, :]) ** 2).mean())
+    assert learner.shrinkage_track_.argmin() == len(learner.shrinkage_) - 1
+    assert mse < 1.01 * last_value
+    # With the weakest prior alone (no choice) the mixture follows its noisy experts further.
+    weak, _ = _stream_mixture(
+        x, y, 4, ModelConfig(type="rls", lr=0.05, mixture_shrinkage=[1.0]), 600
+    )
+    assert weak > mse
+
+    x, y = _windows(600)
+    _, learner = _stream_mixture(x, y, 2, ModelConfig(type="rls"), 0)
+    assert learner.shrinkage_track_.argmin() == 0
+    np.testing.assert_array_equal(learner.weights_, learner.shrunk_weights_[0])
+
+
+def test_the_mixture_prior_is_measured_in_samples_of_the_target_scale():
+    """The same setting means the same on every scale: statistics of a series multiplied by
+    ``c`` give the same weights."""
+    rng = np.random.default_rng(0)
+    learner = RLSLearner(ModelConfig(type="rls"), 2, 6, 3, [0, 1])
+    changes = rng.normal(size=(50, 3, 2, 3))
+    target = changes @ np.array([0.6, 0.3, 0.0]) + rng.normal(size=(50, 3, 2))
+    weights = []
+    for c in (1.0, 1e-3, 1e3):
+        learner.gram_ = np.einsum("bhte,bhtf->htef", c * changes, c * changes)
+        learner.moment_ = np.einsum("bhte,bht->hte", c * changes, c * target)
+        learner.target_square_ = ((c * target) ** 2).sum(0)
+        learner.target_count_ = 50.0
+        weights.append(learner._mixture_weights())
+    np.testing.assert_allclose(weights[1], weights[0], rtol=1e-9)
+    np.testing.assert_allclose(weights[2], weights[0], rtol=1e-9)
+    # One set per strength, each shrunk further towards zero than the one before.
+    norms = np.linalg.norm(weights[0].reshape(len(weights[0]), -1), axis=1)
+    assert weights[0].shape == (4, 3, 2, 3) and (np.diff(norms) < 0).all()
+
+
+def test_the_shrinkage_record_scores_every_strength_as_issued():
+    """With one strength and no forgetting its record is the mixture's own: the sum of its
+    squared errors over every step and target."""
+    torch.manual_seed(0)
+    x, y = _windows(120)
+    config = ModelConfig(type="rls", mixture_forgetting=1.0, mixture_shrinkage=[10.0])
+    _, learner = _stream_mixture(x, y, 2, config, 0)
+    np.testing.assert_allclose(learner.shrinkage_track_[0], learner.track_[..., 0].sum(), rtol=1e-9)
+
+
+def test_mixture_shrinkage_must_name_positive_strengths():
+    with pytest.raises(ValueError, match="mixture_shrinkage"):
+        ModelConfig(type="rls", mixture_shrinkage=[])
+    with pytest.raises(ValueError, match="mixture_shrinkage"):
+        ModelConfig(type="rls", mixture_shrinkage=[10.0, 0.0])
+
+
+def test_a_checkpoint_from_before_the_online_shrinkage_loads_and_learns():
+    """Written before the setting existed: no shrinkage statistics, forecasts pending with the
+    candidates only. It forecasts with its weights as saved and goes on learning."""
+    torch.manual_seed(0)
+    x, y = _windows(140)
+    learner = RLSLearner(ModelConfig(type="rls"), 3, 12, 2, [0, 1, 2])
+    for i in range(100):
+        learner.predict(x[i : i + 1])
+        if i >= 2:
+            learner.learn(x[i - 2 : i - 1], y[i - 2 : i - 1])
+    state = learner.state_dict()
+    for key in ("target_square", "target_count", "shrunk_weights", "shrinkage_track"):
+        del state["rls"][key]
+    state["rls"]["issued"] = state["rls"]["issued"][..., : len(CANDIDATES)]
+    del state["spec"]["config"]["mixture_shrinkage"]
+    old = learner_from_state_dict(state, "cpu")
+    np.testing.assert_array_equal(old.predict(x[100:104]), learner.predict(x[100:104]))
+    for i in range(100, 140):
+        old.predict(x[i : i + 1])
+        assert np.isfinite(old.learn(x[i - 2 : i - 1], y[i - 2 : i - 1]))
+    assert old.target_count_ > 0 and np.isfinite(old.predict(x[:4])).all()
