@@ -19,9 +19,10 @@ towards zero, that is towards the last value: with no evidence that the experts 
 the change, the forecast is persistence. How strongly is chosen online: one mixture per
 strength in ``mixture_shrinkage`` (in samples of the target's mean square, so the same setting
 means the same on every scale), and the forecast comes from the one with the lowest discounted
-out-of-sample error so far, over every step and target (one choice, so it is not noisy).
-Where the experts forecast well the weakest shrinkage leads; on a series close to a random walk
-(exchange rates) the strongest does, and the forecast stays close to the last value.
+out-of-sample error so far, over every step and target (one choice for all of them, steadier
+than one per step). Where the experts forecast well a weak shrinkage leads; on a series close
+to a random walk (exchange rates) the strongest does, and the forecast stays close to the last
+value (docs/benchmarks.md, "the mixture shrunk towards the last value").
 
 A least-squares mixture of few, correlated experts is noisy where its samples are few: at long
 horizons the truth arrives ``horizon`` steps late and neighbouring windows' targets overlap, and
