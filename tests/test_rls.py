@@ -84,13 +84,8 @@ def test_rls_caps_the_variance_of_what_the_inputs_stop_exciting():
 
 
 def test_rls_learner_state_round_trip_and_clone():
-    torch.manual_seed(0)
     x, y = _windows(160)
-    learner = RLSLearner(ModelConfig(type="rls"), 3, 12, 2, [0, 1, 2])
-    for i in range(100):
-        learner.predict(x[i : i + 1])
-        if i >= 2:
-            learner.learn(x[i - 2 : i - 1], y[i - 2 : i - 1])
+    _, learner = _stream_mixture(x[:100], y[:100], 2, ModelConfig(type="rls"), 0)
     twin = learner_from_state_dict(learner.state_dict(), "cpu")
     clone = learner.clone()
     assert isinstance(twin, RLSLearner) and twin.issued_.keys() == learner.issued_.keys()
@@ -402,13 +397,8 @@ def test_mixture_shrinkage_must_name_positive_strengths():
 def test_a_checkpoint_from_before_the_online_shrinkage_loads_and_learns():
     """Written before the setting existed: no shrinkage statistics, forecasts pending with the
     candidates only. It forecasts with its weights as saved and goes on learning."""
-    torch.manual_seed(0)
     x, y = _windows(140)
-    learner = RLSLearner(ModelConfig(type="rls"), 3, 12, 2, [0, 1, 2])
-    for i in range(100):
-        learner.predict(x[i : i + 1])
-        if i >= 2:
-            learner.learn(x[i - 2 : i - 1], y[i - 2 : i - 1])
+    _, learner = _stream_mixture(x[:100], y[:100], 2, ModelConfig(type="rls"), 0)
     state = learner.state_dict()
     for key in ("target_square", "target_count", "shrunk_weights", "shrinkage_track"):
         del state["rls"][key]
