@@ -347,6 +347,14 @@ def online(
             help="Run only these methods (repeat the option), e.g. neuralsync; default: all six."
         ),
     ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Passes run at once, in worker processes, one thread each (the figures do not "
+            "depend on it).",
+        ),
+    ] = 2,
 ) -> None:
     """Online forecasting benchmark (FSNet/OneNet protocol): NeuralSync beside strong baselines."""
     from neuralsync.bench.online import METHODS, format_table, run_online
@@ -362,6 +370,7 @@ def online(
         methods=tuple(method) if method else METHODS,
         log=lambda line: console.print(line, highlight=False),
         date=date,
+        jobs=jobs,
     )
     typer.echo(format_table(report))
 

@@ -13,7 +13,9 @@ from neuralsync.bench.online import (
     ETT_BORDERS,
     LOOKBACK,
     METHODS,
+    _execute,
     _linear,
+    _plan,
     _run_pipeline,
     _stream,
     format_table,
@@ -191,6 +193,39 @@ def test_run_online_quick_writes_results(tmp_path):
     assert table.count("\n| ") == len(METHODS) + 1 and "**" in table
     png = plot_grid([report], tmp_path / "grid.png")
     assert png.stat().st_size > 1000
+
+
+def test_passes_in_worker_processes_give_the_same_figures(tmp_path):
+    """Every pass is deterministic and independent: two at a time in worker processes, the
+    figures and choices are those of one at a time, in the order the methods were asked."""
+    path, _ = _csv(tmp_path, 1500)
+    methods = ("neuralsync", "last_value", "sgd_network", "neuralsync_no_adapt")
+    one = run_online(path, 2, "delayed", quick=True, methods=methods)
+    two = run_online(path, 2, "delayed", quick=True, methods=methods, jobs=2)
+    assert list(two["methods"]) == list(methods) and two["jobs"] == 2 and two["elapsed_s"] > 0
+    for method in methods:
+        for field in ("mse", "mae", "selected", "swaps", "test_windows"):
+            assert two["methods"][method].get(field) == one["methods"][method].get(field)
+    with pytest.raises(ConfigError, match="jobs must be at least 1"):
+        run_online(path, 2, "delayed", quick=True, jobs=0)
+
+
+def test_each_test_pass_waits_for_the_rate_chosen_on_validation(tmp_path):
+    """With a grid of rates, a method's test pass runs with the rate its validation passes
+    chose, and the full pipeline with the one its variant without adaptation chose."""
+    path, _ = _csv(tmp_path, 1500)
+    data = load_dataset(path, rows=1500)
+    methods = ("sgd_network", "neuralsync_no_adapt", "neuralsync")
+    tasks = _plan(data, 2, 2, methods, [], (0.01, 0.3), seed=0)
+    assert {t.key for t in tasks if not t.needs} == {
+        ("valid", m, lr) for m in methods[:2] for lr in (0.01, 0.3)
+    }
+    order = []
+    done = _execute(tasks, 2, lambda key, _: order.append(key))
+    for method, chooser in zip(methods, (*methods[:2], methods[1]), strict=True):
+        scores = {lr: done[("valid", chooser, lr)][0]["mse"] for lr in (0.01, 0.3)}
+        assert done[("test", method)][0]["lr"] == min(scores, key=scores.get)
+        assert order.index(("test", method)) > order.index(("valid", chooser, 0.3))
 
 
 def test_fsnet_protocol_with_a_leak_runs_only_the_baselines(tmp_path):

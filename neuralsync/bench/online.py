@@ -59,6 +59,7 @@ __all__ = [
 LOOKBACK = 60
 #: Train / validation / test borders of the ETT files, in rows, whatever the sampling rate.
 ETT_BORDERS = (2880, 3600, 14400)
+LINEAR_METHODS = ("last_value", "linear_window", "nlinear_channel")
 METHODS = (
     "last_value",
     "linear_window",
@@ -305,6 +306,7 @@ def _run_pipeline(
         )
     summary = pipeline.metrics()
     return {
+        "lr": lr,
         "mse": float((se / expected).mean()),
         "mae": float((ae / expected).mean()),
         "seconds": seconds,
@@ -314,24 +316,160 @@ def _run_pipeline(
     }
 
 
-def _pipeline_method(
-    data: Dataset, horizon: int, method: str, grid: Sequence[float], seed: int
+def _linear_method(
+    method: str, data: Dataset, horizon: int, delay: int, grid: list
 ) -> dict[str, Any]:
+    d = len(data.columns)
+    makers: dict[str, Callable[[float, float], Any]] = {
+        "last_value": lambda a, f: LastValue(horizon),
+        "linear_window": lambda a, f: WindowRLS(LOOKBACK, horizon, d, a, f),
+        "nlinear_channel": lambda a, f: ChannelRLS(LOOKBACK, horizon, a, f),
+    }
+    if method == "last_value":
+        result = _linear(makers[method], data, horizon, delay, [(1.0, 1.0)])
+        result.pop("selected"), result.pop("valid_mse")
+        return result
+    return _linear(makers[method], data, horizon, delay, grid)
+
+
+def _timed(function: Callable[..., dict[str, Any]], *args: Any) -> tuple[dict[str, Any], float]:
+    """``function(*args)`` on one thread (batch-1 updates: BLAS threads only contend, a
+    721-wide RLS step is 30 times slower with them), and its wall seconds."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
     started = time.perf_counter()
-    scores = {}
-    if len(grid) > 1:
-        for lr in grid:
-            scores[lr] = _run_pipeline(data, horizon, method, lr, "valid", seed)["mse"]
-    lr = min(scores, key=scores.get) if scores else grid[0]
-    run = _run_pipeline(data, horizon, method, lr, "test", seed)
+    with threadpool_limits(1):
+        result = function(*args)
+    return result, time.perf_counter() - started
+
+
+@dataclasses.dataclass
+class _Task:
+    """One run of the benchmark: a linear method, or one pipeline pass (a validation pass for
+    one learning rate, or the test pass)."""
+
+    key: tuple
+    #: Lower runs first among the ready tasks: the long chains start early.
+    rank: int
+    needs: tuple[tuple, ...]
+    #: The function and its arguments, given the finished tasks' results.
+    call: Callable[[dict[tuple, Any]], tuple[Callable[..., Any], tuple]]
+
+
+def _plan(
+    data: Dataset,
+    horizon: int,
+    delay: int,
+    methods: Sequence[str],
+    linear_grid: list,
+    lr_grid: Sequence[float],
+    seed: int,
+) -> list[_Task]:
+    """Every run the methods need, with what each waits for. ``neuralsync`` takes the
+    learning rate ``neuralsync_no_adapt`` chose on validation when both run (same live
+    model; the adapters' searches would make a grid of full runs too slow)."""
+    tasks: list[_Task] = []
+    for method in methods:
+        if method in LINEAR_METHODS:
+            args = (method, data, horizon, delay, linear_grid)
+            tasks.append(_Task(("linear", method), 6, (), lambda _, a=args: (_linear_method, a)))
+            continue
+        chooser = method
+        if method == "neuralsync" and "neuralsync_no_adapt" in methods:
+            chooser = "neuralsync_no_adapt"
+        grid = list(lr_grid) if len(lr_grid) > 1 else []
+        if chooser == method:
+            for lr in grid:
+                args = (data, horizon, method, lr, "valid", seed)
+                rank = 0 if method == "neuralsync_no_adapt" else 3
+                tasks.append(
+                    _Task(("valid", method, lr), rank, (), lambda _, a=args: (_run_pipeline, a))
+                )
+        needs = tuple(("valid", chooser, lr) for lr in grid)
+
+        def call(done, method=method, needs=needs):
+            return _run_pipeline, (
+                data,
+                horizon,
+                method,
+                _chosen_lr(done, needs, lr_grid),
+                "test",
+                seed,
+            )
+
+        rank = {"neuralsync": 1, "neuralsync_no_adapt": 2}.get(method, 4)
+        tasks.append(_Task(("test", method), rank, needs, call))
+    return tasks
+
+
+def _chosen_lr(done: dict[tuple, Any], needs: Sequence[tuple], lr_grid: Sequence[float]) -> float:
+    """The rate with the lowest validation MSE (ties: the first in the grid)."""
+    if not needs:
+        return lr_grid[0]
+    scores = {key[2]: done[key][0]["mse"] for key in needs}
+    return min(scores, key=scores.get)
+
+
+def _execute(
+    tasks: list[_Task], jobs: int, on_done: Callable[[tuple, dict[tuple, Any]], None]
+) -> dict[tuple, Any]:
+    """Run every task, at most ``jobs`` at a time (in worker processes when ``jobs`` > 1),
+    each as soon as what it needs is done; the ready one with the lowest rank first.
+
+    Every run is deterministic and independent of the others, so the figures do not depend
+    on ``jobs``; only the wall time does."""
+    done: dict[tuple, Any] = {}
+    pending = sorted(tasks, key=lambda t: t.rank)
+
+    def ready() -> list[_Task]:
+        return [t for t in pending if all(n in done for n in t.needs)]
+
+    if jobs <= 1:
+        while pending:
+            task = ready()[0]
+            pending.remove(task)
+            function, args = task.call(done)
+            done[task.key] = _timed(function, *args)
+            on_done(task.key, done)
+        return done
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn: a forked child of a process that has run torch can hang in its thread pools.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        running: dict[concurrent.futures.Future, _Task] = {}
+        while pending or running:
+            for task in ready()[: jobs - len(running)]:
+                pending.remove(task)
+                function, args = task.call(done)
+                running[pool.submit(_timed, function, *args)] = task
+            finished, _ = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in finished:
+                task = running.pop(future)
+                done[task.key] = future.result()
+                on_done(task.key, done)
+    return done
+
+
+def _pipeline_result(done: dict[tuple, Any], method: str, chooser: str) -> dict[str, Any]:
+    run, seconds = done[("test", method)]
+    valid = {key[2]: done[key] for key in done if key[:2] == ("valid", method)}
+    chosen = {key[2]: done[key][0]["mse"] for key in done if key[:2] == ("valid", chooser)}
+    lr = min(chosen, key=chosen.get) if chosen else None
     return {
         "mse": run["mse"],
         "mae": run["mae"],
-        "wall_s": time.perf_counter() - started,
+        # Its own runs: its validation passes (if it chose its rate) and its test pass.
+        "wall_s": seconds + sum(s for _, s in valid.values()),
         "events_per_s": run["windows"] / run["seconds"]["scored"],
         "test_windows": run["windows"],
-        "selected": {"lr": lr},
-        "valid_mse": {f"lr={k}": v for k, v in scores.items()},
+        "selected": {"lr": run["lr"] if lr is None else lr},
+        "valid_mse": {f"lr={k}": r["mse"] for k, (r, _) in valid.items()},
         "swaps": run["swaps"],
         "regime_changes": run["regime_changes"],
     }
@@ -421,56 +559,57 @@ def run_online(
     methods: Sequence[str] = METHODS,
     log: Callable[[str], None] | None = None,
     date: str = "date",
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run every method on one dataset, horizon and protocol; write ``out/results.json``.
 
-    ``quick`` keeps the first 1,500 rows and one candidate per choice: a smoke run.
+    ``quick`` keeps the first 1,500 rows and one candidate per choice: a smoke run. ``jobs``
+    runs that many passes at once, in worker processes (the figures are the same for any
+    ``jobs``; each pass runs on one thread).
     """
-    from threadpoolctl import threadpool_limits
-
     if protocol not in ("fsnet", "delayed"):
         raise ConfigError(f"protocol {protocol!r}: expected 'fsnet' or 'delayed'")
     if horizon < 1:
         raise ConfigError(f"horizon must be at least 1, got {horizon}")
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
     dataset = load_dataset(data, target, rows=1500 if quick else None, date=date)
     delay = 1 if protocol == "fsnet" else horizon
+    skipped = protocol == "fsnet" and horizon > 1
+    run = [m for m in methods if m in LINEAR_METHODS or not skipped]
     linear_grid = LINEAR_GRID[:1] if quick else LINEAR_GRID
     lr_grid = (0.01,) if quick else LR_GRID
-    d = len(dataset.columns)
-    makers = {
-        "last_value": lambda a, f: LastValue(horizon),
-        "linear_window": lambda a, f: WindowRLS(LOOKBACK, horizon, d, a, f),
-        "nlinear_channel": lambda a, f: ChannelRLS(LOOKBACK, horizon, a, f),
-    }
+    started = time.perf_counter()
+    tasks = _plan(dataset, horizon, delay, run, linear_grid, lr_grid, seed)
     results: dict[str, Any] = {}
-    # Batch-1 updates: BLAS threads only contend (a 721-wide RLS step is 30x slower with them).
-    with threadpool_limits(1):
-        for method in methods:
-            if method in makers:
-                grid = [(1.0, 1.0)] if method == "last_value" else linear_grid
-                result = _linear(makers[method], dataset, horizon, delay, grid)
-                if method == "last_value":
-                    result.pop("selected"), result.pop("valid_mse")
-            elif protocol == "fsnet" and horizon > 1:
-                result = {
-                    "skipped": "the pipeline learns from a window only once its whole horizon "
-                    "is observed; the fsnet protocol's label leak at H > 1 cannot be expressed"
-                }
-            elif method == "neuralsync" and "lr" in results.get("neuralsync_no_adapt", {}).get(
-                "selected", {}
-            ):
-                # Same live model: its learning rate was chosen on the validation windows
-                # without adapters (adapters' searches make a grid of full runs too slow).
-                lr = results["neuralsync_no_adapt"]["selected"]["lr"]
-                result = _pipeline_method(dataset, horizon, method, (lr,), seed)
-            else:
-                result = _pipeline_method(dataset, horizon, method, lr_grid, seed)
-            results[method] = result
-            if log is not None:
-                log(f"{method}: {_fmt(result.get('mse'))} ({result.get('wall_s', 0):.0f} s)")
+
+    def finish(key: tuple, done: dict[tuple, Any]) -> None:
+        method = key[-1] if key[0] in ("linear", "test") else None
+        if method is None:
+            return
+        if key[0] == "linear":
+            result, seconds = done[key]
+            result = {**result, "wall_s": seconds}
+        else:
+            chooser = method
+            if method == "neuralsync" and "neuralsync_no_adapt" in run:
+                chooser = "neuralsync_no_adapt"
+            result = _pipeline_result(done, method, chooser)
+        results[method] = result
+        if log is not None:
+            log(f"{method}: {_fmt(result.get('mse'))} ({result.get('wall_s', 0):.0f} s)")
+
+    _execute(tasks, jobs, finish)
+    for method in methods:
+        if method not in run:
+            results[method] = {
+                "skipped": "the pipeline learns from a window only once its whole horizon "
+                "is observed; the fsnet protocol's label leak at H > 1 cannot be expressed"
+            }
+    results = {method: results[method] for method in methods}
     report = {
         "dataset": dataset.name,
         "path": str(data),
@@ -482,6 +621,8 @@ def run_online(
         "quick": quick,
         "seed": seed,
         "neuralsync_model": NEURALSYNC_MODEL,
+        "jobs": jobs,
+        "elapsed_s": time.perf_counter() - started,
         "methods": results,
     }
     if out is not None:
