@@ -376,9 +376,7 @@ def _plan(
             args = (method, data, horizon, delay, linear_grid)
             tasks.append(_Task(("linear", method), 6, (), lambda _, a=args: (_linear_method, a)))
             continue
-        chooser = method
-        if method == "neuralsync" and "neuralsync_no_adapt" in methods:
-            chooser = "neuralsync_no_adapt"
+        chooser = _rate_chooser(method, methods)
         grid = list(lr_grid) if len(lr_grid) > 1 else []
         if chooser == method:
             for lr in grid:
@@ -402,6 +400,13 @@ def _plan(
         rank = {"neuralsync": 1, "neuralsync_no_adapt": 2}.get(method, 4)
         tasks.append(_Task(("test", method), rank, needs, call))
     return tasks
+
+
+def _rate_chooser(method: str, methods: Sequence[str]) -> str:
+    """Whose validation passes choose ``method``'s learning rate."""
+    if method == "neuralsync" and "neuralsync_no_adapt" in methods:
+        return "neuralsync_no_adapt"
+    return method
 
 
 def _chosen_lr(done: dict[tuple, Any], needs: Sequence[tuple], lr_grid: Sequence[float]) -> float:
@@ -456,11 +461,9 @@ def _execute(
     return done
 
 
-def _pipeline_result(done: dict[tuple, Any], method: str, chooser: str) -> dict[str, Any]:
+def _pipeline_result(done: dict[tuple, Any], method: str) -> dict[str, Any]:
     run, seconds = done[("test", method)]
     valid = {key[2]: done[key] for key in done if key[:2] == ("valid", method)}
-    chosen = {key[2]: done[key][0]["mse"] for key in done if key[:2] == ("valid", chooser)}
-    lr = min(chosen, key=chosen.get) if chosen else None
     return {
         "mse": run["mse"],
         "mae": run["mae"],
@@ -468,7 +471,8 @@ def _pipeline_result(done: dict[tuple, Any], method: str, chooser: str) -> dict[
         "wall_s": seconds + sum(s for _, s in valid.values()),
         "events_per_s": run["windows"] / run["seconds"]["scored"],
         "test_windows": run["windows"],
-        "selected": {"lr": run["lr"] if lr is None else lr},
+        # The test pass ran with the rate chosen on validation (its own, or its variant's).
+        "selected": {"lr": run["lr"]},
         "valid_mse": {f"lr={k}": r["mse"] for k, (r, _) in valid.items()},
         "swaps": run["swaps"],
         "regime_changes": run["regime_changes"],
@@ -594,10 +598,7 @@ def run_online(
             result, seconds = done[key]
             result = {**result, "wall_s": seconds}
         else:
-            chooser = method
-            if method == "neuralsync" and "neuralsync_no_adapt" in run:
-                chooser = "neuralsync_no_adapt"
-            result = _pipeline_result(done, method, chooser)
+            result = _pipeline_result(done, method)
         results[method] = result
         if log is not None:
             log(f"{method}: {_fmt(result.get('mse'))} ({result.get('wall_s', 0):.0f} s)")
