@@ -266,10 +266,9 @@ class RLSLearner(OnlineLearner):
         self.target_square_ = np.zeros((horizon, n_targets))
         self.target_count_ = 0.0
         self.shrinkage_ = np.asarray(config.mixture_shrinkage, dtype=np.float64)
-        # One mixture per prior strength; weights_ are those of the one in use (the leader).
+        # One mixture per prior strength, and the discounted error of each (see weights_).
         self.shrunk_weights_ = np.zeros((len(self.shrinkage_), *self.moment_.shape))
         self.shrinkage_track_ = np.zeros(len(self.shrinkage_))
-        self.weights_ = self.shrunk_weights_[0].copy()
         # Discounted out-of-sample squared error of each candidate, per step and target; all
         # equal at the start, where the leader is the mixture (the first candidate).
         self.track_ = np.zeros((horizon, n_targets, len(CANDIDATES)))
@@ -314,6 +313,12 @@ class RLSLearner(OnlineLearner):
             windows = windows - windows[:, -1:, :]
         flat = windows.reshape(len(windows), -1)
         return np.concatenate([flat, np.ones((len(windows), 1))], axis=1)
+
+    @property
+    def weights_(self) -> np.ndarray:
+        """The mixture weights in use, ``(horizon, targets, experts)``: those of the strength
+        with the lowest discounted out-of-sample error so far (ties: the weakest)."""
+        return self.shrunk_weights_[int(self.shrinkage_track_.argmin())]
 
     def _mixture_weights(self) -> np.ndarray:
         """Least-squares weights per strength, step and target, shrunk towards zero:
@@ -423,8 +428,6 @@ class RLSLearner(OnlineLearner):
         self.target_square_ = decay * self.target_square_ + (target**2).sum(0)
         self.target_count_ = decay * self.target_count_ + len(windows)
         self.shrunk_weights_ = self._mixture_weights()
-        # Ties go to the first (the weakest shrinkage).
-        self.weights_ = self.shrunk_weights_[int(self.shrinkage_track_.argmin())].copy()
         for window, change in zip(windows, target, strict=True):
             rel = np.concatenate([(window[:, ti] - window[-1, ti]).T, np.ones((len(ti), 1))], 1)
             self.channel_.learn(rel, change.T)
@@ -441,7 +444,6 @@ class RLSLearner(OnlineLearner):
         for name in (
             "gram_",
             "moment_",
-            "weights_",
             "track_",
             "target_square_",
             "shrunk_weights_",
@@ -485,7 +487,6 @@ class RLSLearner(OnlineLearner):
             "window": self.window_.state_dict(),
             "gram": torch.from_numpy(self.gram_.copy()),
             "moment": torch.from_numpy(self.moment_.copy()),
-            "weights": torch.from_numpy(self.weights_.copy()),
             "track": torch.from_numpy(self.track_.copy()),
             "target_square": torch.from_numpy(self.target_square_.copy()),
             "target_count": float(self.target_count_),
@@ -511,7 +512,6 @@ class RLSLearner(OnlineLearner):
         learner.window_.load_state_dict(rls["window"])
         learner.gram_ = rls["gram"].numpy().copy()
         learner.moment_ = rls["moment"].numpy().copy()
-        learner.weights_ = rls["weights"].numpy().copy()
         issued = rls["issued"].numpy()
         if "track" in rls:
             learner.track_ = rls["track"].numpy().copy()
@@ -526,7 +526,7 @@ class RLSLearner(OnlineLearner):
         else:
             # From before the online shrinkage: every strength starts from the weights the
             # checkpoint forecast with, and the target's scale is learned from here on.
-            learner.shrunk_weights_[:] = learner.weights_
+            learner.shrunk_weights_[:] = rls["weights"].numpy()
         # A checkpoint from before the selection (no track records, forecasts of the experts
         # only) starts with equal records; pending forecasts stored without every strength's
         # mixture are recomputed when learned.

@@ -402,6 +402,7 @@ def test_a_checkpoint_from_before_the_online_shrinkage_loads_and_learns():
     state = learner.state_dict()
     for key in ("target_square", "target_count", "shrunk_weights", "shrinkage_track"):
         del state["rls"][key]
+    state["rls"]["weights"] = torch.from_numpy(learner.weights_.copy())  # the one set then
     state["rls"]["issued"] = state["rls"]["issued"][..., : len(CANDIDATES)]
     del state["spec"]["config"]["mixture_shrinkage"]
     old = learner_from_state_dict(state, "cpu")
