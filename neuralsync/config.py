@@ -66,12 +66,17 @@ class ModelConfig(_Strict):
     rls_alpha: Annotated[float, Field(gt=0.0)] = 1.0
     #: With ``type: rls``: the linear experts' forgetting factor (1 never forgets).
     rls_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] = 0.999
-    #: With ``type: rls``: the window expert's forgetting factor. None: ``1 - (1 -
-    #: rls_forgetting) / n_inputs`` (it has ``n_inputs`` times the channel expert's
+    #: With ``type: rls``: the window expert's forgetting factor; 1 never forgets. None: ``1 -
+    #: (1 - rls_forgetting) / n_inputs`` (it has ``n_inputs`` times the channel expert's
     #: parameters, so it remembers that much longer).
-    rls_window_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    rls_window_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] | None = 1.0
     #: With ``type: rls``: the window expert's ridge penalty. None: ``rls_alpha``.
-    rls_window_alpha: Annotated[float, Field(gt=0.0)] | None = None
+    rls_window_alpha: Annotated[float, Field(gt=0.0)] | None = 100.0
+    #: With ``type: rls`` and ``rls_window: levels``: the window expert's inputs are clipped,
+    #: smoothly, at this many standard deviations of the rows it has learned from (``mean +
+    #: c * std * tanh((x - mean) / (c * std))``), so that a level far outside them is not
+    #: extrapolated. None: no clipping.
+    rls_window_clip: Annotated[float, Field(gt=0.0)] | None = 3.0
     #: With ``type: rls``: forgetting factor, per step of the horizon, of the statistics that
     #: weight the experts (and of the records ``rls_selection: leader`` compares): at horizon
     #: H they forget H times slower, since neighbouring windows' targets overlap.

@@ -9,7 +9,10 @@ observed value (NLinear's "subtract last"):
   to its horizon, shared by every target channel, kept by RLS;
 - ``window``: one linear map from the whole flattened window (every input column, over its
   levels; ``rls_window: relative`` takes them relative to their last value) to every target's
-  horizon, kept by RLS;
+  horizon, kept by RLS with a ridge penalty of 100 and no forgetting; its levels are clipped,
+  smoothly, at three standard deviations of the rows it has learned from, so that where the
+  stream leaves every level it learned from (ETTh2's test period goes 51 standard deviations
+  out) it does not extrapolate;
 - ``network``: the scenario's window MLP, learned by SGD as the plain learner learns it.
 
 The mixture is ``last + sum_e w[h, t, e] * change_e[h, t]``: for every step ``h`` and target
@@ -59,6 +62,8 @@ EXPERTS = ("channel", "window", "network")
 CANDIDATES = ("mixture", *EXPERTS, "last_value")
 #: Least prior strength of the mixture (a series whose target never moved has no scale).
 _MIN_STRENGTH = 1e-12
+#: Least scale the window expert's levels are clipped at (a column that never moved).
+_MIN_STD = 1e-12
 
 
 class RLS:
@@ -204,11 +209,11 @@ class RLSLearner(OnlineLearner):
     adapters may copy.
 
     Settings read from the :class:`~neuralsync.config.ModelConfig`: ``rls_alpha`` (ridge
-    penalty of the linear experts' start), ``rls_forgetting`` (the channel expert's forgetting
-    factor; the window expert, with ``n_inputs`` times the parameters, forgets ``n_inputs``
-    times slower unless ``rls_window_forgetting`` says otherwise; ``rls_window_alpha`` is its
-    own penalty), ``mixture_forgetting`` (that of the mixture's statistics), and the network's
-    own settings.
+    penalty of the channel expert's start), ``rls_forgetting`` (its forgetting factor);
+    ``rls_window_alpha``, ``rls_window_forgetting`` and ``rls_window_clip``, the window
+    expert's (unset: ``rls_alpha``; ``n_inputs`` times slower than ``rls_forgetting``, as it
+    has ``n_inputs`` times the parameters; no clipping); ``mixture_forgetting`` (that of the
+    mixture's statistics), and the network's own settings.
 
     Examples
     --------
@@ -259,6 +264,11 @@ class RLSLearner(OnlineLearner):
         self.window_ = RLS(
             lookback * n_inputs + 1, horizon * n_targets, window_alpha, window_forgetting
         )
+        # Every input column's mean and sum of squared deviations over the rows the window
+        # expert has learned from (Welford): the scale its levels are clipped at.
+        self.level_count_ = 0.0
+        self.level_mean_ = np.zeros(n_inputs)
+        self.level_square_ = np.zeros(n_inputs)
         n_experts = len(EXPERTS)
         self.gram_ = np.zeros((horizon, n_targets, n_experts, n_experts))
         self.moment_ = np.zeros((horizon, n_targets, n_experts))
@@ -304,13 +314,19 @@ class RLSLearner(OnlineLearner):
         """The window expert's inputs: the flattened window (``rls_window``), and a bias.
 
         Over levels by default: where a series is pulled towards a level (a temperature's
-        daily mean) the expert can learn it; where the stream leaves every level the past
-        reached (ETTh2's test period goes 51 standard deviations out), this expert alone
-        extrapolates, and the mixture leans on the others (docs/benchmarks.md). ``relative``
-        takes every column minus its last value, as the other experts do.
+        daily mean) the expert can learn it. A linear map over levels extrapolates where the
+        stream leaves every level it learned from (ETTh2's test period goes 51 standard
+        deviations out), so each level is clipped, smoothly, at ``rls_window_clip`` standard
+        deviations of the rows learned from: inside, nearly as it is; far outside, at the
+        edge (docs/benchmarks.md, "the window expert clipped"). ``relative`` takes every
+        column minus its last value, as the other experts do.
         """
         if self.config.rls_window == "relative":
             windows = windows - windows[:, -1:, :]
+        elif self.config.rls_window_clip is not None and self.level_count_ > 1:
+            std = np.sqrt(self.level_square_ / self.level_count_)
+            bound = np.maximum(self.config.rls_window_clip * std, _MIN_STD)
+            windows = self.level_mean_ + bound * np.tanh((windows - self.level_mean_) / bound)
         flat = windows.reshape(len(windows), -1)
         return np.concatenate([flat, np.ones((len(windows), 1))], axis=1)
 
@@ -431,8 +447,17 @@ class RLSLearner(OnlineLearner):
         for window, change in zip(windows, target, strict=True):
             rel = np.concatenate([(window[:, ti] - window[-1, ti]).T, np.ones((len(ti), 1))], 1)
             self.channel_.learn(rel, change.T)
+            self._learn_levels(window)
             self.window_.learn(self._window_features(window[None]), change.reshape(1, -1))
         return loss
+
+    def _learn_levels(self, window: np.ndarray) -> None:
+        # Consecutive windows share all but their last row: each adds its last, the first all.
+        for row in window if self.level_count_ == 0 else window[-1:]:
+            self.level_count_ += 1.0
+            delta = row - self.level_mean_
+            self.level_mean_ = self.level_mean_ + delta / self.level_count_
+            self.level_square_ = self.level_square_ + delta * (row - self.level_mean_)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -448,6 +473,8 @@ class RLSLearner(OnlineLearner):
             "target_square_",
             "shrunk_weights_",
             "shrinkage_track_",
+            "level_mean_",
+            "level_square_",
         ):
             setattr(twin, name, getattr(self, name).copy())
         twin.issued_ = collections.OrderedDict((k, v.copy()) for k, v in self.issued_.items())
@@ -492,6 +519,9 @@ class RLSLearner(OnlineLearner):
             "target_count": float(self.target_count_),
             "shrunk_weights": torch.from_numpy(self.shrunk_weights_.copy()),
             "shrinkage_track": torch.from_numpy(self.shrinkage_track_.copy()),
+            "level_count": float(self.level_count_),
+            "level_mean": torch.from_numpy(self.level_mean_.copy()),
+            "level_square": torch.from_numpy(self.level_square_.copy()),
             "issued_keys": [k for k, _ in issued],
             "issued": torch.from_numpy(np.stack([v for _, v in issued]))
             if issued
@@ -501,10 +531,18 @@ class RLSLearner(OnlineLearner):
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str) -> RLSLearner:
+        # Settings a checkpoint was written before: the behaviour it was written with (the
+        # window expert's inputs relative; its own penalty, forgetting and clipping unset).
+        before = {
+            "rls_window": "relative",
+            "rls_window_alpha": None,
+            "rls_window_forgetting": None,
+            "rls_window_clip": None,
+        }
         spec = state["spec"]
-        if "rls_window" not in spec["config"]:
-            # Written before the setting existed, when the window expert's inputs were relative.
-            spec = {**spec, "config": {**spec["config"], "rls_window": "relative"}}
+        missing = {k: v for k, v in before.items() if k not in spec["config"]}
+        if missing:
+            spec = {**spec, "config": {**spec["config"], **missing}}
             state = {**state, "spec": spec}
         learner = super().from_state_dict(state, device)
         rls = state["rls"]
@@ -527,6 +565,10 @@ class RLSLearner(OnlineLearner):
             # From before the online shrinkage: every strength starts from the weights the
             # checkpoint forecast with, and the target's scale is learned from here on.
             learner.shrunk_weights_[:] = rls["weights"].numpy()
+        if "level_count" in rls:
+            learner.level_count_ = float(rls["level_count"])
+            learner.level_mean_ = rls["level_mean"].numpy().copy()
+            learner.level_square_ = rls["level_square"].numpy().copy()
         # A checkpoint from before the selection (no track records, forecasts of the experts
         # only) starts with equal records; pending forecasts stored without every strength's
         # mixture are recomputed when learned.

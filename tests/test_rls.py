@@ -176,13 +176,86 @@ def test_the_window_expert_has_its_own_forgetting_and_penalty_when_told():
         assert learner.channel_.forgetting == 0.99 and learner.channel_.alpha == 2.0
         return learner.window_.forgetting, learner.window_.alpha
 
-    # By default it forgets n_inputs times slower than the channel expert, with its penalty.
-    assert window() == (pytest.approx(1 - 0.01 / 4), 2.0)
-    assert window(rls_window_forgetting=1.0, rls_window_alpha=100.0) == (1.0, 100.0)
+    # By default a ridge penalty of 100 and no forgetting; unset, it forgets n_inputs times
+    # slower than the channel expert, with its penalty.
+    assert window() == (1.0, 100.0)
+    assert window(rls_window_forgetting=None, rls_window_alpha=None) == (
+        pytest.approx(1 - 0.01 / 4),
+        2.0,
+    )
+    assert window(rls_window_forgetting=0.9, rls_window_alpha=5.0) == (0.9, 5.0)
     with pytest.raises(ValueError, match="rls_window_forgetting"):
         ModelConfig(type="rls", rls_window_forgetting=1.5)
     with pytest.raises(ValueError, match="rls_window_alpha"):
         ModelConfig(type="rls", rls_window_alpha=0.0)
+
+
+def _window_change(learner: RLSLearner, windows: np.ndarray) -> np.ndarray:
+    return learner.candidates(windows)[..., CANDIDATES.index("window")]
+
+
+def test_the_window_expert_does_not_extrapolate_a_level_far_outside_what_it_learned():
+    """ETTh2's test period goes 51 standard deviations outside its train rows, where a linear
+    map over levels extrapolates. Clipped (the default), the window expert's forecast for a
+    window shifted far out saturates; unclipped, it goes on moving with the shift."""
+    x, y = _windows(200)
+
+    def trained(clip: float | None) -> RLSLearner:
+        torch.manual_seed(0)
+        config = ModelConfig(type="rls", rls_window_clip=clip)
+        learner = RLSLearner(config, n_inputs=3, lookback=12, horizon=2, target_index=[0, 1, 2])
+        for i in range(150):
+            learner.learn(x[i : i + 1], y[i : i + 1])
+        return learner
+
+    clipped, unclipped = trained(3.0), trained(None)
+    far, farther = x[150:151] + 50.0, x[150:151] + 100.0
+    np.testing.assert_allclose(
+        _window_change(clipped, far), _window_change(clipped, farther), atol=1e-9
+    )
+    drift = np.abs(_window_change(unclipped, farther) - _window_change(unclipped, far)).max()
+    assert drift > 1.0
+    # Inside the rows it learned from the clip changes little.
+    inside = np.abs(_window_change(clipped, x[150:151]) - _window_change(unclipped, x[150:151]))
+    assert inside.max() < 0.1 * drift
+
+
+def test_the_window_clip_scale_is_that_of_the_rows_learned_from():
+    x, y = _windows(200)
+    learner = RLSLearner(ModelConfig(type="rls"), 3, 12, 2, [0, 1, 2])
+    for i in range(150):  # consecutive windows: rows 0 to 160 of the series
+        learner.learn(x[i : i + 1], y[i : i + 1])
+    rows = np.concatenate([x[0], x[1:150, -1]]).astype(np.float64)
+    assert learner.level_count_ == len(rows) == 161
+    np.testing.assert_allclose(learner.level_mean_, rows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(
+        np.sqrt(learner.level_square_ / learner.level_count_), rows.std(0), rtol=1e-10
+    )
+    with pytest.raises(ValueError, match="rls_window_clip"):
+        ModelConfig(type="rls", rls_window_clip=0.0)
+
+
+def test_a_checkpoint_from_before_the_window_settings_keeps_its_window_expert():
+    """Written before ``rls_window_alpha``, ``rls_window_forgetting`` and ``rls_window_clip``
+    existed: its window expert goes on with the penalty, forgetting and unclipped inputs it
+    was written with."""
+    x, y = _windows(140)
+    then = {"rls_window_alpha": None, "rls_window_forgetting": None, "rls_window_clip": None}
+    config = ModelConfig(type="rls", **then)
+    _, learner = _stream_mixture(x[:100], y[:100], 2, config, 0)
+    state = learner.state_dict()
+    for key in then:
+        del state["spec"]["config"][key]
+    for key in ("level_count", "level_mean", "level_square"):
+        del state["rls"][key]
+    old = learner_from_state_dict(state, "cpu")
+    assert {key: getattr(old.config, key) for key in then} == then
+    assert old.window_.forgetting == learner.window_.forgetting < 1.0
+    for model in (learner, old):
+        for i in range(100, 140):
+            model.predict(x[i : i + 1])
+            model.learn(x[i - 2 : i - 1], y[i - 2 : i - 1])
+    np.testing.assert_array_equal(old.predict(x[:4]), learner.predict(x[:4]))
 
 
 def test_a_checkpoint_from_before_rls_window_keeps_relative_inputs():
