@@ -53,6 +53,7 @@ from scipy.linalg.blas import dsyr as _syr
 
 from neuralsync.config import ModelConfig
 from neuralsync.learner import OnlineLearner
+from neuralsync.scaling import OnlineScaler
 
 __all__ = ["RLS", "RLSLearner", "learner_from_state_dict"]
 
@@ -264,11 +265,9 @@ class RLSLearner(OnlineLearner):
         self.window_ = RLS(
             lookback * n_inputs + 1, horizon * n_targets, window_alpha, window_forgetting
         )
-        # Every input column's mean and sum of squared deviations over the rows the window
-        # expert has learned from (Welford): the scale its levels are clipped at.
-        self.level_count_ = 0.0
-        self.level_mean_ = np.zeros(n_inputs)
-        self.level_square_ = np.zeros(n_inputs)
+        # Every input column's running mean and variance over the rows the window expert has
+        # learned from: the scale its levels are clipped at.
+        self.levels_ = OnlineScaler(n_inputs)
         n_experts = len(EXPERTS)
         self.gram_ = np.zeros((horizon, n_targets, n_experts, n_experts))
         self.moment_ = np.zeros((horizon, n_targets, n_experts))
@@ -323,10 +322,13 @@ class RLSLearner(OnlineLearner):
         """
         if self.config.rls_window == "relative":
             windows = windows - windows[:, -1:, :]
-        elif self.config.rls_window_clip is not None and self.level_count_ > 1:
-            std = np.sqrt(self.level_square_ / self.level_count_)
+        elif self.config.rls_window_clip is not None and self.levels_.n_ > 1:
+            # Not OnlineScaler.std, which reads a column that never moved as scale 1: here
+            # such a column has no width to extrapolate within.
+            std = np.sqrt(self.levels_.m2_ / self.levels_.n_)
             bound = np.maximum(self.config.rls_window_clip * std, _MIN_STD)
-            windows = self.level_mean_ + bound * np.tanh((windows - self.level_mean_) / bound)
+            mean = self.levels_.mean_
+            windows = mean + bound * np.tanh((windows - mean) / bound)
         flat = windows.reshape(len(windows), -1)
         return np.concatenate([flat, np.ones((len(windows), 1))], axis=1)
 
@@ -447,17 +449,11 @@ class RLSLearner(OnlineLearner):
         for window, change in zip(windows, target, strict=True):
             rel = np.concatenate([(window[:, ti] - window[-1, ti]).T, np.ones((len(ti), 1))], 1)
             self.channel_.learn(rel, change.T)
-            self._learn_levels(window)
+            # Consecutive windows share all but their last row: each adds its last, the first all.
+            for row in window if self.levels_.n_ == 0 else window[-1:]:
+                self.levels_.learn_one(row)
             self.window_.learn(self._window_features(window[None]), change.reshape(1, -1))
         return loss
-
-    def _learn_levels(self, window: np.ndarray) -> None:
-        # Consecutive windows share all but their last row: each adds its last, the first all.
-        for row in window if self.level_count_ == 0 else window[-1:]:
-            self.level_count_ += 1.0
-            delta = row - self.level_mean_
-            self.level_mean_ = self.level_mean_ + delta / self.level_count_
-            self.level_square_ = self.level_square_ + delta * (row - self.level_mean_)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -473,10 +469,9 @@ class RLSLearner(OnlineLearner):
             "target_square_",
             "shrunk_weights_",
             "shrinkage_track_",
-            "level_mean_",
-            "level_square_",
         ):
             setattr(twin, name, getattr(self, name).copy())
+        twin.levels_ = copy.deepcopy(self.levels_)
         twin.issued_ = collections.OrderedDict((k, v.copy()) for k, v in self.issued_.items())
         return twin
 
@@ -519,9 +514,7 @@ class RLSLearner(OnlineLearner):
             "target_count": float(self.target_count_),
             "shrunk_weights": torch.from_numpy(self.shrunk_weights_.copy()),
             "shrinkage_track": torch.from_numpy(self.shrinkage_track_.copy()),
-            "level_count": float(self.level_count_),
-            "level_mean": torch.from_numpy(self.level_mean_.copy()),
-            "level_square": torch.from_numpy(self.level_square_.copy()),
+            "levels": self.levels_.state_dict(),
             "issued_keys": [k for k, _ in issued],
             "issued": torch.from_numpy(np.stack([v for _, v in issued]))
             if issued
@@ -565,10 +558,8 @@ class RLSLearner(OnlineLearner):
             # From before the online shrinkage: every strength starts from the weights the
             # checkpoint forecast with, and the target's scale is learned from here on.
             learner.shrunk_weights_[:] = rls["weights"].numpy()
-        if "level_count" in rls:
-            learner.level_count_ = float(rls["level_count"])
-            learner.level_mean_ = rls["level_mean"].numpy().copy()
-            learner.level_square_ = rls["level_square"].numpy().copy()
+        if "levels" in rls:
+            learner.levels_.load_state_dict(rls["levels"])
         # A checkpoint from before the selection (no track records, forecasts of the experts
         # only) starts with equal records; pending forecasts stored without every strength's
         # mixture are recomputed when learned.

@@ -226,10 +226,10 @@ def test_the_window_clip_scale_is_that_of_the_rows_learned_from():
     for i in range(150):  # consecutive windows: rows 0 to 160 of the series
         learner.learn(x[i : i + 1], y[i : i + 1])
     rows = np.concatenate([x[0], x[1:150, -1]]).astype(np.float64)
-    assert learner.level_count_ == len(rows) == 161
-    np.testing.assert_allclose(learner.level_mean_, rows.mean(0), rtol=1e-12)
+    assert learner.levels_.n_ == len(rows) == 161
+    np.testing.assert_allclose(learner.levels_.mean_, rows.mean(0), rtol=1e-12)
     np.testing.assert_allclose(
-        np.sqrt(learner.level_square_ / learner.level_count_), rows.std(0), rtol=1e-10
+        np.sqrt(learner.levels_.m2_ / learner.levels_.n_), rows.std(0), rtol=1e-10
     )
     with pytest.raises(ValueError, match="rls_window_clip"):
         ModelConfig(type="rls", rls_window_clip=0.0)
@@ -246,8 +246,7 @@ def test_a_checkpoint_from_before_the_window_settings_keeps_its_window_expert():
     state = learner.state_dict()
     for key in then:
         del state["spec"]["config"][key]
-    for key in ("level_count", "level_mean", "level_square"):
-        del state["rls"][key]
+    del state["rls"]["levels"]
     old = learner_from_state_dict(state, "cpu")
     assert {key: getattr(old.config, key) for key in then} == then
     assert old.window_.forgetting == learner.window_.forgetting < 1.0
