@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["ForecastMetrics", "match_detections"]
 
@@ -38,16 +39,41 @@ class ForecastMetrics:
         self.baseline_direction_hits_ = 0
 
     def update(self, prediction: float, truth: float, last: float) -> None:
-        error = prediction - truth
-        baseline_error = last - truth
-        self.n_ += 1
-        self.sum_squared_ += error * error
-        self.sum_absolute_ += abs(error)
-        truth_move = np.sign(truth - last)
-        self.direction_hits_ += int(np.sign(prediction - last) == truth_move)
-        self.baseline_sum_squared_ += baseline_error * baseline_error
-        self.baseline_sum_absolute_ += abs(baseline_error)
-        self.baseline_direction_hits_ += int(truth_move == 0)
+        """One forecast value and its truth."""
+        self.update_many([prediction], [truth], [last])
+
+    def update_many(self, predictions: ArrayLike, truths: ArrayLike, lasts: ArrayLike) -> None:
+        """Many forecast values and their truths at once (any shape, the same for all three):
+        :meth:`update` on each in turn, up to the rounding of the sums.
+
+        A stream forecasting ``horizon`` steps of many targets scores ``horizon * targets``
+        values a row; one pass over arrays instead of a Python call per value (at WTH's
+        48 steps of 12 columns, half of a pipeline's time went to those calls).
+
+        >>> m = ForecastMetrics()
+        >>> m.update_many([1.5, 0.5], [2.0, 1.5], [1.0, 1.0])
+        >>> m.summary()["mse"], m.summary()["directional_accuracy"]
+        (0.625, 0.5)
+
+        """
+        predictions, truths, lasts = (
+            np.asarray(values, dtype=np.float64).ravel() for values in (predictions, truths, lasts)
+        )
+        if not len(predictions) == len(truths) == len(lasts):
+            raise ValueError(
+                f"update_many: predictions, truths and lasts must have as many values, got "
+                f"{len(predictions)}, {len(truths)} and {len(lasts)}"
+            )
+        error = predictions - truths
+        baseline_error = lasts - truths
+        truth_move = np.sign(truths - lasts)
+        self.n_ += len(error)
+        self.sum_squared_ += float(error @ error)
+        self.sum_absolute_ += float(np.abs(error).sum())
+        self.direction_hits_ += int((np.sign(predictions - lasts) == truth_move).sum())
+        self.baseline_sum_squared_ += float(baseline_error @ baseline_error)
+        self.baseline_sum_absolute_ += float(np.abs(baseline_error).sum())
+        self.baseline_direction_hits_ += int((truth_move == 0).sum())
 
     def summary(self) -> dict[str, Any]:
         n = max(self.n_, 1)

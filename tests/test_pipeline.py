@@ -376,6 +376,36 @@ def test_per_key_metrics_and_last_value_baseline_match_the_forecasts():
         assert p.last_value == by_time[(p.key, p.issued_at)]
 
 
+def test_every_step_of_every_target_is_scored_once_and_the_metrics_match_the_records():
+    # Horizon 3 over two targets: a row scores the forecasts of the 3 rows before it, each on
+    # both targets, as one array (Pipeline._score); the records and the figures must agree.
+    frame = _frame(120)
+    frame["z"] = frame["x"] * 0.5 - frame["y"]
+    run = _run(_scenario(targets=["y", "z"], horizon=3), frame)
+    scored = [p for p in run.predictions if not np.isnan(p.truth)]
+    forecasts = 120 - LOOKBACK + 1
+    assert len(scored) == (forecasts - 1) * 3 * 2 - 2 * (1 + 2)  # the last ones lack truths
+    seen = {(p.issued_at, p.target, p.step) for p in scored}
+    assert len(seen) == len(scored)  # no forecast value scored twice
+    assert {p.step for p in scored} == {1, 2, 3} and {p.target for p in scored} == {"y", "z"}
+    by_time = frame.set_index("t")
+    for p in scored[:40]:
+        assert p.truth == by_time.loc[p.issued_at + p.step, p.target]
+        assert p.last_value == by_time.loc[p.issued_at, p.target]
+    metrics = run.pipeline.metrics()
+    expected = _scored_figures(scored)
+    assert metrics["n_predictions"] == expected["n"]
+    assert metrics["mse"] == pytest.approx(expected["mse"], rel=1e-9)
+    assert metrics["mae"] == pytest.approx(expected["mae"], rel=1e-9)
+    assert metrics["baseline_last_value"]["mse"] == pytest.approx(expected["baseline_mse"])
+    pred, truth, last = (np.array([getattr(p, f) for p in scored]) for f in _DIRECTION_FIELDS)
+    hits = np.mean(np.sign(pred - last) == np.sign(truth - last))
+    assert metrics["directional_accuracy"] == pytest.approx(hits, rel=1e-12)
+
+
+_DIRECTION_FIELDS = ("prediction", "truth", "last_value")
+
+
 def frame_rows(frame: pd.DataFrame):
     return zip(frame["k"], frame["t"], frame["y"], strict=True)
 

@@ -302,13 +302,18 @@ def _run_pipeline(
         )
         started = time.perf_counter()
         for batch in source:
-            for p in pipeline.process(batch):
-                k = int(p.issued_at) - first
-                if 0 <= k < n_windows:
-                    error = p.prediction - p.truth
-                    se[k] += error * error
-                    ae[k] += abs(error)
-                    counts[k] += 1
+            predictions = pipeline.process(batch)
+            if not predictions:
+                continue
+            # Columns of the records at once (a row emits horizon * targets of them).
+            issued_at, _, _, _, _, forecast, truth, _ = zip(*predictions, strict=True)
+            k = np.asarray(issued_at, dtype=np.float64).astype(np.int64) - first
+            error = np.asarray(forecast) - np.asarray(truth)
+            scored = (k >= 0) & (k < n_windows)
+            k, error = k[scored], error[scored]
+            np.add.at(se, k, error * error)
+            np.add.at(ae, k, np.abs(error))
+            np.add.at(counts, k, 1)
         seconds[part] = time.perf_counter() - started
     expected = horizon * len(data.columns)
     if not (counts == expected).all():
