@@ -42,6 +42,10 @@ from neuralsync.scaling import OnlineScaler
 __all__ = ["Pipeline"]
 
 
+#: Values a row completes from which they are scored as arrays (Pipeline._score).
+SCORE_AS_ARRAYS = 12
+
+
 @dataclass
 class _Pending:
     """A forecast waiting for its truth, with what is needed to score it and learn from it."""
@@ -437,29 +441,31 @@ class Pipeline:
         """Score the pending forecasts that ``truth_now`` is a step of, emit their predictions,
         and feed the newest one's error to the detector."""
         steps = [state.rows - p.row for p in observing]
-        values = np.stack(
-            [p.forecast[s - 1] * p.scale + p.center for p, s in zip(observing, steps, strict=True)]
-        )
-        lasts = np.stack([p.last for p in observing])
-        truths = np.broadcast_to(truth_now, values.shape)
-        # As arrays: a stream forecasting many steps of many targets scores horizon * targets
-        # values a row, and a Python call per value was half of the pipeline's time at WTH's
-        # 48 steps of 12 columns (docs/performance.md).
-        self.metrics_.update_many(values, truths, lasts)
-        state.metrics.update_many(values, truths, lasts)
-        observed_at = self._stream_time(state.last_timestamp)
+        forecasts = [
+            p.forecast[s - 1] * p.scale + p.center for p, s in zip(observing, steps, strict=True)
+        ]
+        as_arrays = len(observing) * len(self.targets) >= SCORE_AS_ARRAYS
+        if as_arrays:
+            # A stream forecasting many steps of many targets scores horizon * targets values a
+            # row; a Python call per value was half of the pipeline's time at WTH's 48 steps of
+            # 12 columns. Below that, the arrays' fixed cost is the larger (docs/performance.md).
+            values, lasts = np.stack(forecasts), np.stack([p.last for p in observing])
+            truths = np.broadcast_to(truth_now, values.shape)
+            self.metrics_.update_many(values, truths, lasts)
+            state.metrics.update_many(values, truths, lasts)
+        observed_at, series = self._stream_time(state.last_timestamp), key or None
         truth_values = truth_now.tolist()
-        for pending, step, forecast, last_values in zip(
-            observing, steps, values.tolist(), lasts.tolist(), strict=True
-        ):
+        for pending, step, forecast in zip(observing, steps, forecasts, strict=True):
             pending.truth[step - 1] = truth_now
             issued_at = self._stream_time(pending.issued_at)
-            out.extend(
-                Prediction(issued_at, observed_at, key or None, target, step, value, truth, last)
-                for target, value, truth, last in zip(
-                    self.targets, forecast, truth_values, last_values, strict=True
+            row_values = (forecast.tolist(), truth_values, pending.last.tolist())
+            for target, value, truth, last in zip(self.targets, *row_values, strict=True):
+                if not as_arrays:
+                    self.metrics_.update(value, truth, last)
+                    state.metrics.update(value, truth, last)
+                out.append(
+                    Prediction(issued_at, observed_at, series, target, step, value, truth, last)
                 )
-            )
         if steps[-1] == 1:
             newest = observing[-1]
             normalised = (truth_now - newest.center) / newest.scale

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+from neuralsync import pipeline as pipeline_module
 from neuralsync.adaptation import build_adapters
 from neuralsync.base import Adapter, Deferred, Gate, GateDecision, Prediction, Proposal
 from neuralsync.config import Scenario
@@ -376,12 +377,22 @@ def test_per_key_metrics_and_last_value_baseline_match_the_forecasts():
         assert p.last_value == by_time[(p.key, p.issued_at)]
 
 
-def test_every_step_of_every_target_is_scored_once_and_the_metrics_match_the_records():
-    # Horizon 3 over two targets: a row scores the forecasts of the 3 rows before it, each on
-    # both targets, as one array (Pipeline._score); the records and the figures must agree.
+def _two_target_run(monkeypatch, as_arrays: bool) -> Run:
+    # Horizon 3 over two targets: a row completes one step of each of the 3 forecasts before
+    # it, on both targets; scored one value at a time or as arrays (Pipeline._score).
+    monkeypatch.setattr(pipeline_module, "SCORE_AS_ARRAYS", 1 if as_arrays else 10**9)
     frame = _frame(120)
     frame["z"] = frame["x"] * 0.5 - frame["y"]
-    run = _run(_scenario(targets=["y", "z"], horizon=3), frame)
+    return _run(_scenario(targets=["y", "z"], horizon=3), frame)
+
+
+@pytest.mark.parametrize("as_arrays", [False, True])
+def test_every_step_of_every_target_is_scored_once_and_the_metrics_match_the_records(
+    monkeypatch, as_arrays
+):
+    frame = _frame(120)
+    frame["z"] = frame["x"] * 0.5 - frame["y"]
+    run = _two_target_run(monkeypatch, as_arrays)
     scored = [p for p in run.predictions if not np.isnan(p.truth)]
     forecasts = 120 - LOOKBACK + 1
     assert len(scored) == (forecasts - 1) * 3 * 2 - 2 * (1 + 2)  # the last ones lack truths
@@ -404,6 +415,25 @@ def test_every_step_of_every_target_is_scored_once_and_the_metrics_match_the_rec
 
 
 _DIRECTION_FIELDS = ("prediction", "truth", "last_value")
+
+
+def _with_nan_as_text(predictions: list[Prediction]) -> list[tuple]:
+    return [tuple("nan" if v != v else v for v in p) for p in predictions]
+
+
+def test_scoring_as_arrays_changes_no_record_and_no_figure_beyond_rounding(monkeypatch):
+    one_by_one = _two_target_run(monkeypatch, as_arrays=False)
+    at_once = _two_target_run(monkeypatch, as_arrays=True)
+    # The records the end of the stream emits carry NaN truths, which never compare equal.
+    assert _with_nan_as_text(at_once.predictions) == _with_nan_as_text(one_by_one.predictions)
+    expected, got = one_by_one.pipeline.metrics(), at_once.pipeline.metrics()
+    assert got["n_predictions"] == expected["n_predictions"]
+    assert got["directional_accuracy"] == expected["directional_accuracy"]
+    for name in ("mse", "mae"):
+        assert got[name] == pytest.approx(expected[name], rel=1e-12)
+        assert got["baseline_last_value"][name] == pytest.approx(
+            expected["baseline_last_value"][name], rel=1e-12
+        )
 
 
 def frame_rows(frame: pd.DataFrame):
