@@ -57,9 +57,9 @@ class ForecastMetrics:
 
         A stream forecasting ``horizon`` steps of many targets scores ``horizon * targets``
         values a row: one pass over arrays instead of a Python call per value (at WTH's 48
-        steps of 12 columns, those calls were half of a pipeline's time). Below about a dozen
-        values, :meth:`update` on each costs less than the arrays' fixed ~20 µs
-        (docs/performance.md).
+        steps of 12 columns, those calls were half of a pipeline's time). For fewer than about
+        a dozen values, calling :meth:`update` on each costs less than the arrays' fixed 20 µs
+        or so, which is what the pipeline does (docs/performance.md).
 
         >>> m = ForecastMetrics()
         >>> m.update_many([1.5, 0.5], [2.0, 1.5], [1.0, 1.0])
