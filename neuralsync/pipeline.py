@@ -226,6 +226,10 @@ class Pipeline:
         #: them, but the live model takes no learning step and no adapter is consulted: the
         #: model stays as it is (a frozen baseline). Not part of :meth:`state_dict`.
         self.frozen = False
+        #: Values a row completes from which they are scored as arrays, not one at a time
+        #: (``SCORE_AS_ARRAYS``; ``math.inf`` scores every value alone, as ``neuralsync bench
+        #: throughput`` does to measure the difference). Not part of :meth:`state_dict`.
+        self.score_as_arrays: float = SCORE_AS_ARRAYS
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -444,7 +448,7 @@ class Pipeline:
         forecasts = [
             p.forecast[s - 1] * p.scale + p.center for p, s in zip(observing, steps, strict=True)
         ]
-        as_arrays = len(observing) * len(self.targets) >= SCORE_AS_ARRAYS
+        as_arrays = len(observing) * len(self.targets) >= self.score_as_arrays
         if as_arrays:
             # A stream forecasting many steps of many targets scores horizon * targets values a
             # row; a Python call per value was half of the pipeline's time at WTH's 48 steps of

@@ -83,6 +83,7 @@ def test_exits_0_with_the_figures_as_json_on_stdout(bench, figures):
         "single_series_events_per_second",
         "ratios",
         "many_series",
+        "long_horizon",
         "replay_default_rows_per_second",
     } <= figures.keys()
 
@@ -90,7 +91,7 @@ def test_exits_0_with_the_figures_as_json_on_stdout(bench, figures):
 def test_the_figures_are_logged_as_they_are_measured(bench):
     # The log goes to stderr (a rich console); `output` holds both streams.
     log = bench["output"]
-    for line in ("events/s", "key-events/s", "rows/s", "1,000 keys", "10,000 keys"):
+    for line in ("events/s", "key-events/s", "rows/s", "1,000 keys", "10,000 keys", "576 values"):
         assert line in log, line
     if bench["stderr"]:
         assert "key-events/s" in bench["stderr"]
@@ -142,3 +143,17 @@ def test_replay_of_the_default_scenario_on_both_paths(figures):
     assert _positive(replay["fast"]) and _positive(replay["reference"]), replay
     assert replay["fast_over_reference"] == pytest.approx(replay["fast"] / replay["reference"])
     assert replay["fast"] > replay["reference"], replay
+
+
+def test_long_horizon_scoring_both_ways_scores_the_same_values_the_same(figures):
+    long_horizon = figures["long_horizon"]
+    arrays, one_by_one = long_horizon["as_arrays"], long_horizon["one_at_a_time"]
+    assert _positive(arrays["rows_per_second"]) and _positive(one_by_one["rows_per_second"])
+    # 600 rows, lookback 16: 585 forecasts of 48 steps of 12 columns, each completed value
+    # scored once either way; the last 48 forecasts miss 1, 2, ..., 48 of their steps.
+    scored = (585 * 48 - 48 * 49 // 2) * 12
+    assert arrays["values_scored"] == one_by_one["values_scored"] == scored
+    assert arrays["mse"] == pytest.approx(one_by_one["mse"], rel=1e-12)
+    assert long_horizon["as_arrays_over_one_at_a_time"] == pytest.approx(
+        arrays["rows_per_second"] / one_by_one["rows_per_second"]
+    )

@@ -9,12 +9,15 @@ where the absolute numbers are not (shared, noisy machines). Measured:
 - many series, one model per key (:class:`~neuralsync.stacked.StackedForecaster`): key-events
   per second with 1,000 and 10,000 keys all ticking, each in a fresh process so its peak RSS is
   its own, with the state bytes per key;
+- long horizons: a pipeline forecasting 48 steps of 12 columns (each row completes 576 forecast
+  values), rows per second with those values scored as arrays (the default) and one at a time;
 - end to end: ``neuralsync replay`` of the default scenario on the fast and reference paths.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import subprocess
@@ -30,7 +33,12 @@ from neuralsync.config import ModelConfig
 from neuralsync.fast import FastLearner
 from neuralsync.learner import OnlineLearner
 
-__all__ = ["fleet_throughput", "run_throughput", "single_series_throughput"]
+__all__ = [
+    "fleet_throughput",
+    "long_horizon_throughput",
+    "run_throughput",
+    "single_series_throughput",
+]
 
 N_INPUTS, HIDDEN = 8, 32
 
@@ -190,6 +198,53 @@ def _fleet_in_subprocess(n_keys: int, ticks: int, device: str) -> dict[str, Any]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def long_horizon_throughput(
+    n_rows: int, horizon: int = 48, n_columns: int = 12
+) -> dict[str, dict[str, float]]:
+    """Rows per second of a pipeline that forecasts ``horizon`` steps of ``n_columns`` targets
+    (a linear model, no detector, no adaptation: the pipeline's own work shows), with each row's
+    ``horizon * n_columns`` completed values scored as arrays and one at a time; with the
+    figures each way scored (the same up to rounding)."""
+    import pandas as pd
+
+    from neuralsync.config import Scenario
+    from neuralsync.pipeline import Pipeline
+    from neuralsync.sources import DataFrameSource
+
+    rng = np.random.default_rng(0)
+    columns = [f"c{i}" for i in range(n_columns)]
+    frame = pd.DataFrame(np.cumsum(rng.normal(size=(n_rows, n_columns)), axis=0), columns=columns)
+    frame.insert(0, "t", np.arange(n_rows, dtype=np.float64))
+    off = {name: {"enabled": False} for name in ("recall", "meta", "evolution")}
+    scenario = Scenario(
+        name="long-horizon",
+        timestamp="t",
+        targets=columns,
+        lookback=16,
+        horizon=horizon,
+        model={"type": "linear"},
+        detector={"type": "none"},
+        adaptation=off,
+    )
+    figures = {}
+    for name, threshold in (("as_arrays", None), ("one_at_a_time", math.inf)):
+        pipeline = Pipeline(scenario)
+        if threshold is not None:
+            pipeline.score_as_arrays = threshold
+        source = DataFrameSource(frame, timestamp="t", columns=columns, chunk_size=256)
+        start = time.perf_counter()
+        for batch in source:
+            pipeline.process(batch)
+        seconds = time.perf_counter() - start
+        summary = pipeline.metrics()
+        figures[name] = {
+            "rows_per_second": n_rows / seconds,
+            "values_scored": summary["n_predictions"],
+            "mse": summary["mse"],
+        }
+    return figures
+
+
 def _replay_rate(fast: bool, limit: int | None) -> float:
     import tempfile
 
@@ -253,6 +308,16 @@ def run_throughput(
                 ratio = rate[device] / rate["cpu"]
                 fleet_ratios[f"{device}_over_cpu_{n_keys}_keys"] = ratio
                 log(f"  {device} over cpu, {n_keys:,} keys: {ratio:.1f}x")
+    n_rows = 600 if quick else 3_000
+    log(f"long horizons: 48 steps of 12 columns (576 values a row), {n_rows} rows")
+    long_horizon = long_horizon_throughput(n_rows)
+    for name, figures in long_horizon.items():
+        log(f"  {name:<14} {figures['rows_per_second']:>10,.0f} rows/s")
+    arrays_ratio = (
+        long_horizon["as_arrays"]["rows_per_second"]
+        / long_horizon["one_at_a_time"]["rows_per_second"]
+    )
+    log(f"  {'as_arrays_over_one_at_a_time':<28} {arrays_ratio:>8.1f}x")
     limit = 1_500 if quick else None
     log(f"end to end: replay of the default scenario ({limit or 'all'} rows)")
     replay_rates = {"fast": _replay_rate(True, limit), "reference": _replay_rate(False, limit)}
@@ -265,6 +330,7 @@ def run_throughput(
         "ratios": ratios,
         "many_series": fleets,
         "many_series_ratios": fleet_ratios,
+        "long_horizon": {**long_horizon, "as_arrays_over_one_at_a_time": arrays_ratio},
         "replay_default_rows_per_second": {
             **replay_rates,
             "fast_over_reference": replay_rates["fast"] / replay_rates["reference"],
