@@ -377,21 +377,24 @@ def test_per_key_metrics_and_last_value_baseline_match_the_forecasts():
         assert p.last_value == by_time[(p.key, p.issued_at)]
 
 
+def _two_target_frame() -> pd.DataFrame:
+    frame = _frame(120)
+    frame["z"] = frame["x"] * 0.5 - frame["y"]
+    return frame
+
+
 def _two_target_run(monkeypatch, as_arrays: bool) -> Run:
     # Horizon 3 over two targets: a row completes one step of each of the 3 forecasts before
     # it, on both targets; scored one value at a time or as arrays (Pipeline._score).
     monkeypatch.setattr(pipeline_module, "SCORE_AS_ARRAYS", 1 if as_arrays else 10**9)
-    frame = _frame(120)
-    frame["z"] = frame["x"] * 0.5 - frame["y"]
-    return _run(_scenario(targets=["y", "z"], horizon=3), frame)
+    return _run(_scenario(targets=["y", "z"], horizon=3), _two_target_frame())
 
 
 @pytest.mark.parametrize("as_arrays", [False, True])
 def test_every_step_of_every_target_is_scored_once_and_the_metrics_match_the_records(
     monkeypatch, as_arrays
 ):
-    frame = _frame(120)
-    frame["z"] = frame["x"] * 0.5 - frame["y"]
+    frame = _two_target_frame()
     run = _two_target_run(monkeypatch, as_arrays)
     scored = [p for p in run.predictions if not np.isnan(p.truth)]
     forecasts = 120 - LOOKBACK + 1
@@ -409,12 +412,9 @@ def test_every_step_of_every_target_is_scored_once_and_the_metrics_match_the_rec
     assert metrics["mse"] == pytest.approx(expected["mse"], rel=1e-9)
     assert metrics["mae"] == pytest.approx(expected["mae"], rel=1e-9)
     assert metrics["baseline_last_value"]["mse"] == pytest.approx(expected["baseline_mse"])
-    pred, truth, last = (np.array([getattr(p, f) for p in scored]) for f in _DIRECTION_FIELDS)
+    pred, truth, last = np.array([(p.prediction, p.truth, p.last_value) for p in scored]).T
     hits = np.mean(np.sign(pred - last) == np.sign(truth - last))
     assert metrics["directional_accuracy"] == pytest.approx(hits, rel=1e-12)
-
-
-_DIRECTION_FIELDS = ("prediction", "truth", "last_value")
 
 
 def _with_nan_as_text(predictions: list[Prediction]) -> list[tuple]:

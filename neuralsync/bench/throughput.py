@@ -208,7 +208,7 @@ def long_horizon_throughput(
     import pandas as pd
 
     from neuralsync.config import Scenario
-    from neuralsync.pipeline import Pipeline
+    from neuralsync.pipeline import SCORE_AS_ARRAYS, Pipeline
     from neuralsync.sources import DataFrameSource
 
     rng = np.random.default_rng(0)
@@ -227,10 +227,9 @@ def long_horizon_throughput(
         adaptation=off,
     )
     figures = {}
-    for name, threshold in (("as_arrays", None), ("one_at_a_time", math.inf)):
+    for name, threshold in (("as_arrays", SCORE_AS_ARRAYS), ("one_at_a_time", math.inf)):
         pipeline = Pipeline(scenario)
-        if threshold is not None:
-            pipeline.score_as_arrays = threshold
+        pipeline.score_as_arrays = threshold
         source = DataFrameSource(frame, timestamp="t", columns=columns, chunk_size=256)
         start = time.perf_counter()
         for batch in source:
