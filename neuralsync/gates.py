@@ -20,31 +20,38 @@ __all__ = ["CanaryGate", "StabilityGate", "advantage_z", "standard_error_of_mean
 
 def standard_error_of_mean(values: torch.Tensor, horizon: int = 1) -> float:
     """The standard error of the mean of ``values``, a series of per-sample error differences
-    between two forecasters; ``inf`` for fewer than two values.
+    between two forecasters; ``inf`` when there is no evidence to weigh (no more samples than
+    ``horizon``).
 
     Forecasts issued on neighbouring samples share ``horizon - 1`` of their target steps, so
     their errors are correlated up to that lag and the plain standard error overstates the
     evidence about up to ``horizon``-fold. The variance is the long-run variance of Diebold
     and Mariano's forecast comparison: the variance plus twice the autocovariances up to lag
-    ``horizon - 1``, which is unbiased for such errors (in the rare sample where that sum is not
-    positive, the autocovariances are weighted as Newey and West's, which keeps it so). At
-    ``horizon`` 1 it is the plain standard error (sample variance over n).
+    ``horizon - 1`` (in the rare sample where that sum is not positive, the autocovariances are
+    weighted as Newey and West's, which keeps it so). On few samples that estimate is biased
+    low, much so where the samples are not many more than the horizon (a 64-sample canary at
+    ``horizon`` 48 holds little more than one independent outcome), so it is scaled by Harvey,
+    Leybourne and Newbold's small-sample correction, ``n (n - 1) / ((n - h) (n - h + 1))``
+    (1997; here with the sample variance's ``n - 1``, so that at ``horizon`` 1 it is 1 and the
+    result the plain standard error, sample variance over n).
 
     >>> import torch
     >>> runs = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).repeat(4)  # in runs of 4
     >>> round(standard_error_of_mean(runs), 3), round(standard_error_of_mean(runs, 4), 3)
-    (0.09, 0.105)
+    (0.09, 0.116)
+    >>> standard_error_of_mean(runs[:4], horizon=4)  # as many samples as steps: no evidence
+    inf
 
     """
     if horizon < 1:
         raise ValueError(f"horizon: expected at least 1, got {horizon}")
     values = values.to(torch.float64)
     n = len(values)
-    if n < 2:
+    if n <= horizon:
         return math.inf
     centred = values - values.mean()
     autocovariances = [
-        float((centred[lag:] * centred[:-lag]).sum()) / n for lag in range(1, min(horizon, n))
+        float((centred[lag:] * centred[:-lag]).sum()) / n for lag in range(1, horizon)
     ]
     variance = float(centred.square().sum()) / (n - 1)
     long_run = variance + 2.0 * sum(autocovariances)
@@ -52,7 +59,9 @@ def standard_error_of_mean(values: torch.Tensor, horizon: int = 1) -> float:
         long_run = variance + 2.0 * sum(
             (1.0 - lag / horizon) * a for lag, a in enumerate(autocovariances, start=1)
         )
-    return math.sqrt(max(long_run, 0.0) / n)
+    # Python integers: exactly 1 at horizon 1.
+    small_sample = (n * (n - 1)) / ((n - horizon) * (n - horizon + 1))
+    return math.sqrt(max(long_run, 0.0) * small_sample / n)
 
 
 def advantage_z(
@@ -60,8 +69,8 @@ def advantage_z(
 ) -> float:
     """How far the candidate's advantage stands out from noise: the mean of the paired error
     differences (live minus candidate; positive when the candidate is better) over its
-    :func:`standard_error_of_mean` at this ``horizon``. 0 when there is nothing to tell (fewer
-    than two samples, no spread). At ``horizon`` 1 it is the paired t statistic.
+    :func:`standard_error_of_mean` at this ``horizon``. 0 when there is nothing to tell (no more
+    samples than ``horizon``, no spread). At ``horizon`` 1 it is the paired t statistic.
 
     Examples
     --------
@@ -72,7 +81,7 @@ def advantage_z(
     >>> runs = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).repeat(4)  # in runs of 4
     >>> live = 2 * runs + 0.5
     >>> round(advantage_z(runs, live), 2), round(advantage_z(runs, live, horizon=4), 2)
-    (11.14, 9.54)
+    (11.14, 8.63)
 
     """
     diff = live_errors.to(torch.float64) - candidate_errors.to(torch.float64)

@@ -199,6 +199,23 @@ def test_overlapping_targets_do_not_pass_noise_for_evidence():
     assert sum(aware) / trials < 0.12
 
 
+def test_a_canary_barely_longer_than_the_horizon_is_weak_evidence():
+    """64 samples of 48-step targets hold little more than one independent outcome. Without
+    the small-sample correction equal forecasters reached z > 1 (the gate's ``min_z``) in 43 %
+    of these trials and |z| > 1.96 in 70 %; with it, about a quarter each. No more samples than
+    steps is no evidence at all."""
+    horizon, n, trials = 48, 64, 400
+    g = torch.Generator().manual_seed(4)
+    shocks = torch.randn(trials, n + horizon - 1, generator=g, dtype=torch.float64)
+    overlapping = shocks.unfold(1, horizon, 1).sum(-1)
+    zero = torch.zeros(n, dtype=torch.float64)
+    z = torch.tensor([advantage_z(zero, d, horizon) for d in overlapping])
+    assert float((z > 1.0).double().mean()) < 0.3
+    assert float((z.abs() > 1.96).double().mean()) < 0.3
+    assert standard_error_of_mean(overlapping[0, :horizon], horizon) == math.inf
+    assert advantage_z(zero[:horizon], overlapping[0, :horizon], horizon) == 0.0
+
+
 def test_the_gate_weighs_evidence_by_the_horizon():
     live = _live(0)
     x, y = _windows(64)
