@@ -31,9 +31,9 @@ def standard_error_of_mean(values: torch.Tensor, horizon: int = 1) -> float:
     weighted as Newey and West's, which keeps it so). On few samples that estimate is biased
     low, much so where the samples are not many more than the horizon (a 64-sample canary at
     ``horizon`` 48 holds little more than one independent outcome), so it is scaled by Harvey,
-    Leybourne and Newbold's small-sample correction, ``n (n - 1) / ((n - h) (n - h + 1))``
-    (1997; here with the sample variance's ``n - 1``, so that at ``horizon`` 1 it is 1 and the
-    result the plain standard error, sample variance over n).
+    Leybourne and Newbold's small-sample correction, ``n (n - 1) / ((n - h) (n - h + 1))`` for
+    ``n`` samples at horizon ``h`` (1997; here with the sample variance's ``n - 1``, so that at
+    ``horizon`` 1 it is 1 and the result the plain standard error, sample variance over n).
 
     >>> import torch
     >>> runs = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]).repeat(4)  # in runs of 4
