@@ -355,6 +355,13 @@ def online(
             "depend on it).",
         ),
     ] = 2,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            help="Also write each method's error window by window, the pipelines' events and a "
+            "plot of both to OUT/trace.",
+        ),
+    ] = False,
 ) -> None:
     """Online forecasting benchmark (FSNet/OneNet protocol): NeuralSync beside strong baselines."""
     from neuralsync.bench.online import METHODS, format_table, run_online
@@ -371,6 +378,7 @@ def online(
         log=lambda line: console.print(line, highlight=False),
         date=date,
         jobs=jobs,
+        trace=trace,
     )
     typer.echo(format_table(report))
 

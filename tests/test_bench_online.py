@@ -25,6 +25,7 @@ from neuralsync.bench.online import (
     run_online,
 )
 from neuralsync.bench.online_baselines import ChannelRLS, LastValue, WindowRLS
+from neuralsync.bench.online_trace import read_events, read_windows
 from neuralsync.cli import app
 from neuralsync.errors import ConfigError
 
@@ -265,10 +266,15 @@ def test_command_line(tmp_path):
     assert bad.exit_code == 2 and "target column 'zz' not found" in bad.output
     # --method runs a subset; an unknown one is an error that lists the methods.
     some = ["bench", "online", "--data", str(path), "--quick", "--out", str(tmp_path / "some")]
-    result = CliRunner().invoke(app, [*some, "--method", "last_value", "--method", "sgd_network"])
+    result = CliRunner().invoke(
+        app, [*some, "--method", "last_value", "--method", "sgd_network", "--trace"]
+    )
     assert result.exit_code == 0, result.output
     ran = json.loads((tmp_path / "some" / "results.json").read_text())
     assert set(ran["methods"]) == {"last_value", "sgd_network"}
+    traced = tmp_path / "some" / "trace"
+    assert (traced / "sgd_network" / "events.jsonl").is_file()
+    assert len(read_windows(traced / "last_value")) == ran["methods"]["last_value"]["test_windows"]
     bad = CliRunner().invoke(app, [*some, "--method", "arima"])
     assert bad.exit_code == 2 and "unknown methods ['arima']" in bad.output
 
@@ -287,3 +293,31 @@ def test_rls_components_score_every_candidate_on_validation_and_test(tmp_path):
         assert scores["channel"] < last_value  # the toy series is learnable
     leader = rls_components(data, 2, rls_selection="leader")
     assert leader["test"]["channel"] == figures["test"]["channel"]  # the experts are the same
+
+
+def test_trace_keeps_every_window_and_the_pipelines_events(tmp_path):
+    """``--trace``: per-window errors that add up to the run's figures, on the test windows'
+    own rows, and the full pipeline's decisions (a regime change in the test rows here)."""
+    path, _ = _csv(tmp_path, 1500)
+    frame = pd.read_csv(path)
+    frame.loc[900:, "OT"] = 3.0 - 2.0 * frame.loc[900:, "OT"]  # the target turns over
+    frame.to_csv(path, index=False)
+    methods = ("last_value", "nlinear_channel", "neuralsync")
+    report = run_online(
+        path, 2, "delayed", out=tmp_path / "run", quick=True, trace=True, methods=methods
+    )
+    trace = tmp_path / "run" / "trace"
+    first = load_dataset(path).rows("test")[0] + LOOKBACK - 1
+    for method in methods:
+        windows = read_windows(trace / method)
+        result = report["methods"][method]
+        assert len(windows) == result["test_windows"]
+        assert windows["origin"].tolist() == list(range(first, first + len(windows)))
+        assert windows["mse"].mean() == pytest.approx(result["mse"], rel=1e-9)
+        assert windows["mae"].mean() == pytest.approx(result["mae"], rel=1e-9)
+    events = read_events(trace / "neuralsync")
+    assert (events["type"] == "regime_change").any()
+    assert (events["type"] == "swap").sum() == report["methods"]["neuralsync"]["swaps"]
+    assert (trace / "trace.png").stat().st_size > 1000
+    with pytest.raises(ConfigError, match="trace: expected an output directory"):
+        run_online(path, 2, "delayed", quick=True, trace=True)

@@ -35,12 +35,13 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from neuralsync.bench.online_baselines import ChannelRLS, LastValue, WindowRLS
+from neuralsync.bench.online_trace import plot_trace, write_events, write_windows
 from neuralsync.errors import ConfigError
 
 __all__ = [
@@ -199,13 +200,22 @@ def load_dataset(
 # -- the linear baselines ----------------------------------------------------------------------
 
 
-def _stream(
-    model: Any, x: np.ndarray, y: np.ndarray, delay: int, score_from: int = 0
-) -> tuple[float, float, float]:
+class _Scored(NamedTuple):
+    """A test-then-train pass's figures: over the scored windows, and window by window."""
+
+    mse: float
+    mae: float
+    #: Seconds of the scored part.
+    seconds: float
+    window_mse: list[float]
+    window_mae: list[float]
+
+
+def _stream(model: Any, x: np.ndarray, y: np.ndarray, delay: int, score_from: int = 0) -> _Scored:
     """Test-then-train over windows; ``model`` learns window ``k - delay`` before forecasting
-    window ``k``; windows from ``score_from`` on are scored. Returns (mse, mae, seconds of the
-    scored part)."""
+    window ``k``; windows from ``score_from`` on are scored."""
     se = ae = 0.0
+    window_mse, window_mae = [], []
     started = time.perf_counter()
     for k in range(len(x)):
         if k == score_from:
@@ -214,14 +224,21 @@ def _stream(
             model.learn(x[k - delay], y[k - delay])
         error = model.predict(x[k]) - y[k]
         if k >= score_from:
-            se += float((error * error).mean())
-            ae += float(np.abs(error).mean())
+            window_mse.append(float((error * error).mean()))
+            window_mae.append(float(np.abs(error).mean()))
+            se += window_mse[-1]
+            ae += window_mae[-1]
     n = len(x) - score_from
-    return se / n, ae / n, time.perf_counter() - started
+    return _Scored(se / n, ae / n, time.perf_counter() - started, window_mse, window_mae)
 
 
 def _linear(
-    make: Callable[[float, float], Any], data: Dataset, horizon: int, delay: int, grid: list
+    make: Callable[[float, float], Any],
+    data: Dataset,
+    horizon: int,
+    delay: int,
+    grid: list,
+    trace: Path | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     train, valid, test = (data.windows(s, horizon) for s in ("train", "valid", "test"))
@@ -235,7 +252,12 @@ def _linear(
     model = make(alpha, forgetting).fit(*train)
     x, y = data.windows("valid+test", horizon)
     n_test = len(test[0])
-    mse, mae, seconds = _stream(model, x, y, delay, score_from=len(x) - n_test)
+    mse, mae, seconds, window_mse, window_mae = _stream(
+        model, x, y, delay, score_from=len(x) - n_test
+    )
+    if trace is not None:
+        first = data.rows("test")[0] + LOOKBACK - 1  # the first test window's last row
+        write_windows(trace, np.arange(first, first + n_test), window_mse, window_mae)
     return {
         "mse": mse,
         "mae": mae,
@@ -277,16 +299,26 @@ def _scenario(data: Dataset, horizon: int, method: str, lr: float, seed: int):
 
 
 def _run_pipeline(
-    data: Dataset, horizon: int, method: str, lr: float, stop_split: str, seed: int
+    data: Dataset,
+    horizon: int,
+    method: str,
+    lr: float,
+    stop_split: str,
+    seed: int,
+    trace: Path | None = None,
 ) -> dict[str, Any]:
     """Stream rows 0 .. the end of ``stop_split`` through a pipeline; score the windows of
-    ``stop_split`` (their origin is the window's last row)."""
+    ``stop_split`` (their origin is the window's last row). With ``trace``, the pipeline's
+    events and the per-window errors are written there (:mod:`.online_trace`)."""
     from neuralsync.adaptation import build_adapters
     from neuralsync.pipeline import Pipeline
     from neuralsync.sources import DataFrameSource
 
     scenario = _scenario(data, horizon, method, lr, seed)
     pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
+    events: list[Any] = []
+    if trace is not None:
+        pipeline.events.subscribe(events.append)
     start, stop = data.rows(stop_split)
     first, last = start + LOOKBACK - 1, stop - horizon - 1  # origins of the scored windows
     frame = pd.DataFrame(data.values[:stop], columns=data.columns)
@@ -321,6 +353,9 @@ def _run_pipeline(
             f"{method}: {int((counts != expected).sum())} windows were not scored on all "
             f"{expected} entries; the pipeline's windows do not match the protocol's"
         )
+    if trace is not None:
+        write_windows(trace, np.arange(first, last + 1), se / expected, ae / expected)
+        write_events(trace, events)
     summary = pipeline.metrics()
     return {
         "lr": lr,
@@ -334,7 +369,7 @@ def _run_pipeline(
 
 
 def _linear_method(
-    method: str, data: Dataset, horizon: int, delay: int, grid: list
+    method: str, data: Dataset, horizon: int, delay: int, grid: list, trace: Path | None = None
 ) -> dict[str, Any]:
     d = len(data.columns)
     makers: dict[str, Callable[[float, float], Any]] = {
@@ -343,10 +378,10 @@ def _linear_method(
         "nlinear_channel": lambda a, f: ChannelRLS(LOOKBACK, horizon, a, f),
     }
     if method == "last_value":
-        result = _linear(makers[method], data, horizon, delay, [(1.0, 1.0)])
+        result = _linear(makers[method], data, horizon, delay, [(1.0, 1.0)], trace)
         result.pop("selected"), result.pop("valid_mse")
         return result
-    return _linear(makers[method], data, horizon, delay, grid)
+    return _linear(makers[method], data, horizon, delay, grid, trace)
 
 
 def _timed(function: Callable[..., dict[str, Any]], *args: Any) -> tuple[dict[str, Any], float]:
@@ -383,14 +418,17 @@ def _plan(
     linear_grid: list,
     lr_grid: Sequence[float],
     seed: int,
+    trace: Path | None = None,
 ) -> list[_Task]:
     """Every run the methods need, with what each waits for. ``neuralsync`` takes the
     learning rate ``neuralsync_no_adapt`` chose on validation when both run (same live
-    model; the adapters' searches would make a grid of full runs too slow)."""
+    model; the adapters' searches would make a grid of full runs too slow). With ``trace``,
+    each test pass traces itself to ``trace/METHOD``."""
     tasks: list[_Task] = []
     for method in methods:
+        traced = None if trace is None else trace / method
         if method in LINEAR_METHODS:
-            args = (method, data, horizon, delay, linear_grid)
+            args = (method, data, horizon, delay, linear_grid, traced)
             tasks.append(_Task(("linear", method), 6, (), lambda _, a=args: (_linear_method, a)))
             continue
         chooser = _rate_chooser(method, methods)
@@ -404,7 +442,7 @@ def _plan(
                 )
         needs = tuple(("valid", chooser, lr) for lr in grid)
 
-        def call(done, method=method, needs=needs):
+        def call(done, method=method, needs=needs, traced=traced):
             return _run_pipeline, (
                 data,
                 horizon,
@@ -412,6 +450,7 @@ def _plan(
                 _chosen_lr(done, needs, lr_grid),
                 "test",
                 seed,
+                traced,
             )
 
         rank = {"neuralsync": 1, "neuralsync_no_adapt": 2}.get(method, 4)
@@ -581,12 +620,15 @@ def run_online(
     log: Callable[[str], None] | None = None,
     date: str = "date",
     jobs: int = 1,
+    trace: bool = False,
 ) -> dict[str, Any]:
     """Run every method on one dataset, horizon and protocol; write ``out/results.json``.
 
     ``quick`` keeps the first 1,500 rows and one candidate per choice: a smoke run. ``jobs``
     runs that many passes at once, in worker processes (the figures are the same for any
-    ``jobs``; each pass runs on one thread).
+    ``jobs``; each pass runs on one thread). ``trace`` (needs ``out``) also writes each
+    method's errors window by window, the pipelines' events and their plot under
+    ``out/trace`` (:mod:`neuralsync.bench.online_trace`).
     """
     if protocol not in ("fsnet", "delayed"):
         raise ConfigError(f"protocol {protocol!r}: expected 'fsnet' or 'delayed'")
@@ -594,6 +636,8 @@ def run_online(
         raise ConfigError(f"horizon must be at least 1, got {horizon}")
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
+    if trace and out is None:
+        raise ConfigError("trace: expected an output directory (out) to write the trace to")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown methods {unknown}; available: {', '.join(METHODS)}")
@@ -604,7 +648,8 @@ def run_online(
     linear_grid = LINEAR_GRID[:1] if quick else LINEAR_GRID
     lr_grid = (0.01,) if quick else LR_GRID
     started = time.perf_counter()
-    tasks = _plan(dataset, horizon, delay, run, linear_grid, lr_grid, seed)
+    traced = Path(out) / "trace" if trace and out is not None else None
+    tasks = _plan(dataset, horizon, delay, run, linear_grid, lr_grid, seed, traced)
     results: dict[str, Any] = {}
 
     def finish(key: tuple, done: dict[tuple, Any]) -> None:
@@ -644,6 +689,9 @@ def run_online(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    if traced is not None and run:
+        title = f"{dataset.name}, H = {horizon}, protocol {protocol}: test windows"
+        plot_trace(traced, traced / "trace.png", title=title)
     return report
 
 
