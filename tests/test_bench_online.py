@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from neuralsync.bench.online import (
     run_online,
 )
 from neuralsync.bench.online_baselines import ChannelRLS, LastValue, WindowRLS
-from neuralsync.bench.online_trace import read_events, read_windows
+from neuralsync.bench.online_trace import plot_trace, read_events, read_windows
 from neuralsync.cli import app
 from neuralsync.errors import ConfigError
 
@@ -319,5 +320,9 @@ def test_trace_keeps_every_window_and_the_pipelines_events(tmp_path):
     assert (events["type"] == "regime_change").any()
     assert (events["type"] == "swap").sum() == report["methods"]["neuralsync"]["swaps"]
     assert (trace / "trace.png").stat().st_size > 1000
+    shutil.rmtree(trace / "last_value")  # without the reference: each method's own MSE
+    assert plot_trace(trace, tmp_path / "own.png").stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="run with --trace first"):
+        plot_trace(tmp_path, tmp_path / "none.png")
     with pytest.raises(ConfigError, match="trace: expected an output directory"):
         run_online(path, 2, "delayed", quick=True, trace=True)

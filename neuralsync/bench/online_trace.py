@@ -84,9 +84,9 @@ def plot_trace(
     mean of ``smoothing`` windows (default: a fiftieth of the test windows); the pipelines'
     swaps as ticks along the bottom, in each method's colour.
 
-    The ratio is of rolling means (sum of a method's errors over the sum of last-value's), so
-    a stretch where every method errs a lot weighs as it does in the run's MSE. Without a
-    ``last_value`` trace the rolling MSE itself is drawn.
+    The ratio is of rolling means (a method's errors over last-value's in the same windows),
+    so a stretch where every method errs a lot weighs as it does in the run's MSE. Without a
+    ``last_value`` trace the rolling MSE itself is drawn, on a log scale.
     """
     import matplotlib
 
@@ -102,17 +102,15 @@ def plot_trace(
     smoothing = smoothing or max(1, n // 50)
     reference = frames.get("last_value")
     fig, ax = plt.subplots(figsize=(10, 4.2))
-    ymin = None
     for i, method in enumerate(methods):
         colour = f"C{i}"
-        rolling = frames[method]["mse"].rolling(smoothing, min_periods=1).sum()
-        label = "mse"
+        rolling = frames[method]["mse"].rolling(smoothing, min_periods=1).mean()
+        label = "MSE"
         if reference is not None:
-            rolling = rolling / reference["mse"].rolling(smoothing, min_periods=1).sum()
+            rolling = rolling / reference["mse"].rolling(smoothing, min_periods=1).mean()
             label = "MSE / last-value MSE"
         style = "-" if method.startswith("neuralsync") else "--"
         ax.plot(rolling.index, rolling.to_numpy(), style, color=colour, label=method, lw=1.2)
-        ymin = rolling.min() if ymin is None else min(ymin, rolling.min())
         events = read_events(trace / method)
         if len(events):
             swaps = events.loc[events["type"] == "swap", "stream_time"].astype(float)
@@ -128,6 +126,8 @@ def plot_trace(
             )
     if reference is not None:
         ax.axhline(1.0, color="grey", lw=0.8)
+    else:  # errors span orders of magnitude between calm and extreme stretches
+        ax.set_yscale("log")
     ax.set_xlabel("row the forecast was issued at (ticks at the bottom: swaps)")
     ax.set_ylabel(f"{label}, rolling {smoothing} windows")
     ax.set_title(title or trace.name)
