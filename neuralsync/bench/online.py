@@ -87,6 +87,13 @@ NEURALSYNC_MODEL: dict[str, Any] = {
 #: factor. Pipelines: the network's SGD learning rate.
 LINEAR_GRID = [(alpha, f) for alpha in (1.0, 100.0) for f in (1.0, 0.9999, 0.999)]
 LR_GRID = (0.01, 0.03)
+#: The NeuralSync rows' window-expert clip widths (``rls_window_clip``, in standard deviations),
+#: chosen on validation after the learning rate, at the chosen rate; the first, that of
+#: NEURALSYNC_MODEL, wins ties. Every width bounds the levels (no "off"): a stream that leaves
+#: the rows learned from (ETTh2's test period) cannot be seen on validation rows inside them.
+CLIP_GRID = (3.0, 2.0, 6.0)
+#: The pipeline methods whose live model is NEURALSYNC_MODEL (the clip choice applies).
+RLS_METHODS = ("neuralsync_no_adapt", "neuralsync")
 _TIME = "__row__"
 
 
@@ -272,7 +279,9 @@ def _linear(
 # -- the pipeline -----------------------------------------------------------------------------
 
 
-def _scenario(data: Dataset, horizon: int, method: str, lr: float, seed: int):
+def _scenario(
+    data: Dataset, horizon: int, method: str, lr: float, seed: int, clip: float | None = None
+):
     from neuralsync.config import Scenario
 
     settings: dict[str, Any] = {
@@ -287,12 +296,15 @@ def _scenario(data: Dataset, horizon: int, method: str, lr: float, seed: int):
         "seed": seed,
     }
     off = {name: {"enabled": False} for name in ("recall", "meta", "evolution")}
+    rls = {**NEURALSYNC_MODEL, "lr": lr}
+    if clip is not None:
+        rls["rls_window_clip"] = clip
     if method == "sgd_network":
         settings |= {"model": {"lr": lr}, "detector": {"type": "none"}, "adaptation": off}
     elif method == "neuralsync":
-        settings |= {"model": {**NEURALSYNC_MODEL, "lr": lr}}
+        settings |= {"model": rls}
     elif method == "neuralsync_no_adapt":
-        settings |= {"model": {**NEURALSYNC_MODEL, "lr": lr}, "adaptation": off}
+        settings |= {"model": rls, "adaptation": off}
     else:
         raise ValueError(f"unknown pipeline method {method!r}")
     return Scenario.model_validate(settings)
@@ -306,15 +318,17 @@ def _run_pipeline(
     stop_split: str,
     seed: int,
     trace: Path | None = None,
+    clip: float | None = None,
 ) -> dict[str, Any]:
     """Stream rows 0 .. the end of ``stop_split`` through a pipeline; score the windows of
     ``stop_split`` (their origin is the window's last row). With ``trace``, the pipeline's
-    events and the per-window errors are written there (:mod:`.online_trace`)."""
+    events and the per-window errors are written there (:mod:`.online_trace`); ``clip``
+    overrides NEURALSYNC_MODEL's ``rls_window_clip``."""
     from neuralsync.adaptation import build_adapters
     from neuralsync.pipeline import Pipeline
     from neuralsync.sources import DataFrameSource
 
-    scenario = _scenario(data, horizon, method, lr, seed)
+    scenario = _scenario(data, horizon, method, lr, seed, clip)
     pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
     events: list[Any] = []
     if trace is not None:
@@ -359,6 +373,7 @@ def _run_pipeline(
     summary = pipeline.metrics()
     return {
         "lr": lr,
+        "rls_window_clip": scenario.model.rls_window_clip if method in RLS_METHODS else None,
         "mse": float((se / expected).mean()),
         "mae": float((ae / expected).mean()),
         "seconds": seconds,
@@ -419,11 +434,16 @@ def _plan(
     lr_grid: Sequence[float],
     seed: int,
     trace: Path | None = None,
+    clip_grid: Sequence[float] = (NEURALSYNC_MODEL["rls_window_clip"],),
 ) -> list[_Task]:
-    """Every run the methods need, with what each waits for. ``neuralsync`` takes the
-    learning rate ``neuralsync_no_adapt`` chose on validation when both run (same live
-    model; the adapters' searches would make a grid of full runs too slow). With ``trace``,
-    each test pass traces itself to ``trace/METHOD``."""
+    """Every run the methods need, with what each waits for.
+
+    A pipeline method's validation passes choose its learning rate (one pass per rate in
+    ``lr_grid``); for the NeuralSync rows, further passes at the chosen rate then choose the
+    window expert's clip width (one per width of ``clip_grid`` after its first, which the rate
+    passes ran with). ``neuralsync`` takes the choices ``neuralsync_no_adapt`` made when both
+    run (same live model; the adapters' searches would make a grid of full runs too slow).
+    With ``trace``, each test pass traces itself to ``trace/METHOD``."""
     tasks: list[_Task] = []
     for method in methods:
         traced = None if trace is None else trace / method
@@ -432,34 +452,38 @@ def _plan(
             tasks.append(_Task(("linear", method), 6, (), lambda _, a=args: (_linear_method, a)))
             continue
         chooser = _rate_chooser(method, methods)
-        grid = list(lr_grid) if len(lr_grid) > 1 else []
+        clips = list(clip_grid) if method in RLS_METHODS else []
+        # The widths after the first need a rate pass to compare with, even with one rate.
+        rates = list(lr_grid) if len(lr_grid) > 1 or len(clips) > 1 else []
+        rate_needs = tuple(("valid", chooser, lr) for lr in rates)
+        clip_needs = tuple(("valid_clip", chooser, c) for c in clips[1:])
         if chooser == method:
-            for lr in grid:
-                args = (data, horizon, method, lr, "valid", seed)
-                rank = 0 if method == "neuralsync_no_adapt" else 3
+            rank = 0 if method == "neuralsync_no_adapt" else 3
+            for lr in rates:
+                args = (data, horizon, method, lr, "valid", seed, None, clips[0] if clips else None)
                 tasks.append(
                     _Task(("valid", method, lr), rank, (), lambda _, a=args: (_run_pipeline, a))
                 )
-        needs = tuple(("valid", chooser, lr) for lr in grid)
+            for c in clips[1:]:
 
-        def call(done, method=method, needs=needs, traced=traced):
-            return _run_pipeline, (
-                data,
-                horizon,
-                method,
-                _chosen_lr(done, needs, lr_grid),
-                "test",
-                seed,
-                traced,
-            )
+                def clip_pass(done, method=method, c=c, needs=rate_needs):
+                    lr = _chosen_lr(done, needs, lr_grid)
+                    return _run_pipeline, (data, horizon, method, lr, "valid", seed, None, c)
+
+                tasks.append(_Task(("valid_clip", method, c), rank, rate_needs, clip_pass))
+
+        def call(done, method=method, rates=rate_needs, widths=clip_needs, clips=clips, to=traced):
+            lr = _chosen_lr(done, rates, lr_grid)
+            clip = _chosen_clip(done, rates, widths, lr, clips) if clips else None
+            return _run_pipeline, (data, horizon, method, lr, "test", seed, to, clip)
 
         rank = {"neuralsync": 1, "neuralsync_no_adapt": 2}.get(method, 4)
-        tasks.append(_Task(("test", method), rank, needs, call))
+        tasks.append(_Task(("test", method), rank, rate_needs + clip_needs, call))
     return tasks
 
 
 def _rate_chooser(method: str, methods: Sequence[str]) -> str:
-    """Whose validation passes choose ``method``'s learning rate."""
+    """Whose validation passes choose ``method``'s learning rate (and clip width)."""
     if method == "neuralsync" and "neuralsync_no_adapt" in methods:
         return "neuralsync_no_adapt"
     return method
@@ -470,6 +494,23 @@ def _chosen_lr(done: dict[tuple, Any], needs: Sequence[tuple], lr_grid: Sequence
     if not needs:
         return lr_grid[0]
     scores = {key[2]: done[key][0]["mse"] for key in needs}
+    return min(scores, key=scores.get)
+
+
+def _chosen_clip(
+    done: dict[tuple, Any],
+    rate_needs: Sequence[tuple],
+    clip_needs: Sequence[tuple],
+    lr: float,
+    clip_grid: Sequence[float],
+) -> float:
+    """The width with the lowest validation MSE at the chosen rate (ties: the grid's first,
+    whose figure is the chosen rate's own pass)."""
+    if not clip_needs:
+        return clip_grid[0]
+    chooser = rate_needs[0][1]
+    scores = {clip_grid[0]: done[("valid", chooser, lr)][0]["mse"]}
+    scores |= {key[2]: done[key][0]["mse"] for key in clip_needs}
     return min(scores, key=scores.get)
 
 
@@ -519,17 +560,23 @@ def _execute(
 
 def _pipeline_result(done: dict[tuple, Any], method: str) -> dict[str, Any]:
     run, seconds = done[("test", method)]
-    valid = {key[2]: done[key] for key in done if key[:2] == ("valid", method)}
+    valid = {key: done[key] for key in done if key[0] in ("valid", "valid_clip")}
+    valid = {key: result for key, result in valid.items() if key[1] == method}
+    # The rate passes ran at the grid's first width, the width passes at the chosen rate.
+    names = {"valid": "lr", "valid_clip": "rls_window_clip"}
+    selected = {"lr": run["lr"]}
+    if run["rls_window_clip"] is not None:
+        selected["rls_window_clip"] = run["rls_window_clip"]
     return {
         "mse": run["mse"],
         "mae": run["mae"],
-        # Its own runs: its validation passes (if it chose its rate) and its test pass.
+        # Its own runs: its validation passes (if it made its choices) and its test pass.
         "wall_s": seconds + sum(s for _, s in valid.values()),
         "events_per_s": run["windows"] / run["seconds"]["scored"],
         "test_windows": run["windows"],
-        # The test pass ran with the rate chosen on validation (its own, or its variant's).
-        "selected": {"lr": run["lr"]},
-        "valid_mse": {f"lr={k}": r["mse"] for k, (r, _) in valid.items()},
+        # The test pass ran with the settings chosen on validation (its own, or its variant's).
+        "selected": selected,
+        "valid_mse": {f"{names[k[0]]}={k[2]}": r["mse"] for k, (r, _) in valid.items()},
         "swaps": run["swaps"],
         "regime_changes": run["regime_changes"],
     }
@@ -647,9 +694,10 @@ def run_online(
     run = [m for m in methods if m in LINEAR_METHODS or not skipped]
     linear_grid = LINEAR_GRID[:1] if quick else LINEAR_GRID
     lr_grid = (0.01,) if quick else LR_GRID
+    clip_grid = CLIP_GRID[:1] if quick else CLIP_GRID
     started = time.perf_counter()
     traced = Path(out) / "trace" if trace and out is not None else None
-    tasks = _plan(dataset, horizon, delay, run, linear_grid, lr_grid, seed, traced)
+    tasks = _plan(dataset, horizon, delay, run, linear_grid, lr_grid, seed, traced, clip_grid)
     results: dict[str, Any] = {}
 
     def finish(key: tuple, done: dict[tuple, Any]) -> None:
