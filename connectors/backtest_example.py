@@ -126,6 +126,8 @@ def plot_equity(runs: dict[str, dict[str, pd.Series]], path: str | Path) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from neuralsync.report import save_figure
+
     colours = {"online": "tab:blue", "frozen": "tab:orange", "buy & hold": "tab:gray"}
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.6 * len(runs)), squeeze=False)
     for ax, (title, results) in zip(axes[:, 0], runs.items(), strict=True):
@@ -146,9 +148,7 @@ def plot_equity(runs: dict[str, dict[str, pd.Series]], path: str | Path) -> Path
         ax.legend(loc="upper left", frameon=False)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 

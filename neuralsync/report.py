@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from neuralsync.errors import DataError
 
-__all__ = ["write_evolution_report", "write_report"]
+__all__ = ["save_figure", "write_evolution_report", "write_report"]
 
 _COLUMNS = ["timestamp", "key", "target", "step", "prediction", "truth", "last_value"]
 _NUMBERS = ["step", "prediction", "truth", "last_value"]
@@ -43,6 +43,26 @@ _TRUE_CHANGE = "tab:green"
 _LAG = "tab:orange"
 _DPI = 110
 _SIZE = (12.0, 9.0)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = _DPI) -> Path:
+    """Write a matplotlib figure as a PNG at ``path`` (its folder made if need be), atomically:
+    a reader never sees half a file, even while a long run redraws it.
+
+    >>> import tempfile
+    >>> from matplotlib.figure import Figure
+    >>> fig = Figure()
+    >>> _ = fig.add_subplot().plot([0, 1], [1, 0])
+    >>> save_figure(fig, Path(tempfile.mkdtemp()) / "plots" / "line.png").name
+    'line.png'
+
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    fig.savefig(partial, format="png", dpi=dpi)
+    os.replace(partial, path)
+    return path
 
 
 def write_report(run_dir: Path, *, rolling: int = 200, max_points: int = 20000) -> Path:
@@ -98,11 +118,7 @@ def write_report(run_dir: Path, *, rolling: int = 200, max_points: int = 20000) 
     else:
         _draw_report(fig, scored, metrics, name, rolling=rolling, max_points=max_points)
 
-    path = run_dir / "report.png"
-    partial = run_dir / "report.png.partial"
-    fig.savefig(partial, format="png", dpi=_DPI)
-    os.replace(partial, path)
-    return path
+    return save_figure(fig, run_dir / "report.png")
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -321,11 +337,7 @@ def write_evolution_report(run_dir: Path) -> Path | None:
         fontsize=12,
     )
     fig.tight_layout()
-    path = run_dir / "evolution.png"
-    partial = run_dir / "evolution.png.partial"
-    fig.savefig(partial, format="png", dpi=_DPI)
-    os.replace(partial, path)
-    return path
+    return save_figure(fig, run_dir / "evolution.png")
 
 
 def _mark_lag(ax: Axes, metrics: dict[str, Any], kind: str, x: np.ndarray) -> str:

@@ -850,6 +850,8 @@ def plot_grid(reports: Sequence[dict[str, Any]], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from neuralsync.report import save_figure
+
     panels = sorted({(r["dataset"], r["protocol"]) for r in reports})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
     for ax, (name, protocol) in zip(axes[0], panels, strict=True):
@@ -891,8 +893,6 @@ def plot_grid(reports: Sequence[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path

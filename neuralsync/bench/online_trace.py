@@ -93,6 +93,8 @@ def plot_trace(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from neuralsync.report import save_figure
+
     trace = Path(trace)
     methods = sorted(p.parent.name for p in trace.glob(f"*/{WINDOWS}"))
     if not methods:
@@ -134,8 +136,6 @@ def plot_trace(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
