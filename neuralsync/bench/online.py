@@ -472,9 +472,17 @@ def _plan(
 
                 tasks.append(_Task(("valid_clip", method, c), rank, rate_needs, clip_pass))
 
-        def call(done, method=method, rates=rate_needs, widths=clip_needs, clips=clips, to=traced):
+        def call(
+            done,
+            method=method,
+            by=chooser,
+            rates=rate_needs,
+            widths=clip_needs,
+            clips=clips,
+            to=traced,
+        ):
             lr = _chosen_lr(done, rates, lr_grid)
-            clip = _chosen_clip(done, rates, widths, lr, clips) if clips else None
+            clip = _chosen_clip(done, by, widths, lr, clips) if clips else None
             return _run_pipeline, (data, horizon, method, lr, "test", seed, to, clip)
 
         rank = {"neuralsync": 1, "neuralsync_no_adapt": 2}.get(method, 4)
@@ -499,16 +507,15 @@ def _chosen_lr(done: dict[tuple, Any], needs: Sequence[tuple], lr_grid: Sequence
 
 def _chosen_clip(
     done: dict[tuple, Any],
-    rate_needs: Sequence[tuple],
+    chooser: str,
     clip_needs: Sequence[tuple],
     lr: float,
     clip_grid: Sequence[float],
 ) -> float:
-    """The width with the lowest validation MSE at the chosen rate (ties: the grid's first,
-    whose figure is the chosen rate's own pass)."""
+    """The width with the lowest validation MSE at the chosen rate ``lr`` among ``chooser``'s
+    passes (ties: the grid's first, whose figure is the chosen rate's own pass)."""
     if not clip_needs:
         return clip_grid[0]
-    chooser = rate_needs[0][1]
     scores = {clip_grid[0]: done[("valid", chooser, lr)][0]["mse"]}
     scores |= {key[2]: done[key][0]["mse"] for key in clip_needs}
     return min(scores, key=scores.get)
@@ -560,8 +567,7 @@ def _execute(
 
 def _pipeline_result(done: dict[tuple, Any], method: str) -> dict[str, Any]:
     run, seconds = done[("test", method)]
-    valid = {key: done[key] for key in done if key[0] in ("valid", "valid_clip")}
-    valid = {key: result for key, result in valid.items() if key[1] == method}
+    valid = {k: done[k] for k in done if k[0] in ("valid", "valid_clip") and k[1] == method}
     # The rate passes ran at the grid's first width, the width passes at the chosen rate.
     names = {"valid": "lr", "valid_clip": "rls_window_clip"}
     selected = {"lr": run["lr"]}
