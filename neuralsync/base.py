@@ -177,6 +177,9 @@ class Proposal:
     #: top of the gate's own (the larger applies): e.g. a recalled model, which should be far
     #: better when its regime has truly come back.
     margin: float = 0.0
+    #: Paired z-score (``gates.advantage_z``) this proposal's advantage must reach, on top of
+    #: the gate's own (the larger applies).
+    min_z: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -173,6 +173,10 @@ class RecallConfig(_Strict):
     #: Relative improvement over the live model's canary error a recalled copy must reach: a
     #: regime that truly recurs makes its own model far better than the live one.
     margin: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    #: Paired z-score (``gates.advantage_z``) a recalled copy's advantage on the canary window
+    #: must also reach, as evolution's winners must: inside an extreme episode a 64-sample
+    #: canary can show a margin that is noise.
+    min_z: Annotated[float, Field(ge=0.0)] = 1.0
 
 
 class EvolutionConfig(_Strict):

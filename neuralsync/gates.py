@@ -93,7 +93,7 @@ def advantage_z(
 
 class CanaryGate(Gate):
     """Accept a proposal whose canary error beats the live model's by ``margin`` (relative;
-    a proposal's own ``margin``, when larger, applies instead).
+    a proposal's own ``margin``, when larger, applies instead; so does its ``min_z``).
 
     For a proposal that carries ``canary_errors`` (errors measured test-then-train over a long
     window, as a deferred search's winner does), ``min_z`` > 0 also asks the advantage to
@@ -153,6 +153,7 @@ class CanaryGate(Gate):
             z = advantage_z(errors, live_errors, self.horizon)
             figures["advantage_z"] = z
             needed = self.min_z if proposal.canary_errors is not None else self.canary_min_z
+            needed = max(needed, proposal.min_z)
             if accepted and z < needed:
                 accepted = False
                 reason = (

@@ -32,7 +32,8 @@ class RegimeRecall(Adapter):
     pipeline consults this adapter at once: ``support_delay`` is 0) it scores every stored model
     on the newest ``select`` support samples, the ones just before the canary window, and
     proposes a copy of the best. Then it stores the live model. A recalled model must beat the
-    live one on the canary window by ``margin`` (relative) to go live. A regime that truly comes
+    live one on the canary window by ``margin`` (relative), with a paired z-score of at least
+    ``min_z``, to go live. A regime that truly comes
     back makes its own model far better than the live one, while a stored model that is merely
     as good (a regime that did not recur) would be a coin toss on a short canary window.
 
@@ -44,6 +45,9 @@ class RegimeRecall(Adapter):
         Newest support samples the stored models are scored on to choose one.
     margin
         Relative improvement over the live model's canary error a recalled model must reach.
+    min_z
+        Paired z-score its advantage on the canary window must reach as well
+        (:func:`~neuralsync.gates.advantage_z`).
 
     Examples
     --------
@@ -76,14 +80,17 @@ class RegimeRecall(Adapter):
     name = "recall"
     support_delay = 0
 
-    def __init__(self, models: int = 8, select: int = 32, margin: float = 0.1):
+    def __init__(self, models: int = 8, select: int = 32, margin: float = 0.1, min_z: float = 1.0):
         if models < 1 or select < 1:
             raise ValueError(f"models and select must be at least 1, got {models} and {select}")
         if not 0.0 <= margin < 1.0:
             raise ValueError(f"margin must be in [0, 1), got {margin}")
+        if min_z < 0.0:
+            raise ValueError(f"min_z must be at least 0, got {min_z}")
         self.models = models
         self.select = select
         self.margin = margin
+        self.min_z = min_z
         #: The stored models' ``state_dict()``s, oldest first (plain tensors: the snapshot
         #: holds them as they are, and a recalled model is rebuilt on the live model's device).
         self.library_: list[dict[str, Any]] = []
@@ -93,7 +100,7 @@ class RegimeRecall(Adapter):
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> RegimeRecall:
         c: RecallConfig = scenario.adaptation.recall
-        return cls(c.models, c.select, c.margin)
+        return cls(c.models, c.select, c.margin, c.min_z)
 
     def on_regime_change(
         self,
@@ -119,7 +126,12 @@ class RegimeRecall(Adapter):
                 "select_mse_worst": max(scores),
             }
             proposal = Proposal(
-                stored[best], self.name, details, event="recall", margin=self.margin
+                stored[best],
+                self.name,
+                details,
+                event="recall",
+                margin=self.margin,
+                min_z=self.min_z,
             )
         # The live model as it ends the regime that just closed; a deep copy, because its
         # state_dict shares storage with the weights it goes on updating.

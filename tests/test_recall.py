@@ -5,6 +5,7 @@ resume, switching it off)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pandas as pd
@@ -97,6 +98,40 @@ def test_a_recalled_model_must_beat_the_live_one_by_its_margin():
     )
 
 
+def test_a_recalled_model_must_also_stand_out_from_noise():
+    # One lucky sample makes the mean 30 % lower but the advantage noise (z well under 1):
+    # the gate refuses it for a proposal that asks z >= 1, as recall's do by default.
+    live = _linear(1.0)
+    x = torch.randn(64, 1, 1, generator=torch.Generator().manual_seed(3))
+    live_errors = torch.ones(64)
+    lucky = torch.full((64,), 1.05)
+    lucky[0] = -20.0  # not a squared error, but what the z-score sees is the differences
+    gate = CanaryGate()
+    noisy = Proposal(live, "recall", canary_errors=lucky, margin=0.1)
+    assert gate.decide(noisy, live_errors, x, x).accepted
+    refused = gate.decide(dataclasses.replace(noisy, min_z=1.0), live_errors, x, x)
+    assert not refused.accepted and "within noise" in refused.reason
+    assert refused.figures["advantage_z"] < 1.0
+    steady_errors = 0.8 + 0.01 * torch.randn(64, generator=torch.Generator().manual_seed(4))
+    steady = Proposal(live, "recall", canary_errors=steady_errors, min_z=1.0)
+    assert gate.decide(steady, live_errors, x, x).accepted
+    # The setting reaches recall's proposals from the scenario.
+    scenario = Scenario.model_validate(
+        {
+            "name": "t",
+            "csv": "t.csv",
+            "timestamp": "time",
+            "targets": "y",
+            "adaptation": {"recall": {"min_z": 2.5}},
+        }
+    )
+    recall = RegimeRecall.from_scenario(scenario)
+    assert RegimeRecall().min_z == 1.0 and recall.min_z == 2.5
+    empty = torch.zeros(0, 1, 1)
+    recall.on_regime_change(None, _linear(-1.0), empty, empty)
+    assert recall.on_regime_change(None, live, x, x).min_z == 2.5
+
+
 def test_bad_settings_are_refused(tmp_path):
     from neuralsync.config import load_scenario
 
@@ -104,10 +139,14 @@ def test_bad_settings_are_refused(tmp_path):
         RegimeRecall(models=0)
     with pytest.raises(ValueError, match="margin"):
         RegimeRecall(margin=1.0)
+    with pytest.raises(ValueError, match="min_z"):
+        RegimeRecall(min_z=-1.0)
     path = tmp_path / "s.yaml"
     path.write_text("name: s\ntimestamp: t\ntargets: [y]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"adaptation\.recall\.margin"):
         load_scenario(path, {"adaptation.recall.margin": 1.5})
+    with pytest.raises(ConfigError, match=r"adaptation\.recall\.min_z"):
+        load_scenario(path, {"adaptation.recall.min_z": -0.5})
 
 
 # -- in the pipeline ----------------------------------------------------------------------------
