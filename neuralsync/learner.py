@@ -159,6 +159,14 @@ class OnlineLearner:
         twin.optimizer_.load_state_dict(copy.deepcopy(self.optimizer_.state_dict()))
         return twin
 
+    def recalled(self, stored: OnlineLearner) -> OnlineLearner:
+        """The model regime recall proposes when it brings ``stored`` back in place of this
+        live learner: ``stored`` itself, since everything a network knows is regime-bound.
+        A learner with lifelong state (which learns from every sample and forgets none, so
+        that the live copy knows all a stored one does and more) hands that state on instead
+        (:meth:`RLSLearner.recalled <neuralsync.rls.RLSLearner.recalled>`)."""
+        return stored
+
     def spec(self) -> dict[str, Any]:
         """Everything needed to rebuild this learner's network (plain JSON types)."""
         return {

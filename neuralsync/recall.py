@@ -114,7 +114,11 @@ class RegimeRecall(Adapter):
         proposal = None
         x, y = support_x[-self.select :], support_y[-self.select :]
         if self.library_ and len(x):
-            stored = [learner_from_state_dict(state, live.device) for state in self.library_]
+            # Each as it would come back: with the live model's lifelong state, if it has any.
+            stored = [
+                live.recalled(learner_from_state_dict(state, live.device))
+                for state in self.library_
+            ]
             scores = [float(model.squared_errors(x, y).mean()) for model in stored]
             best = min(range(len(scores)), key=scores.__getitem__)
             details = {

@@ -475,6 +475,39 @@ class RLSLearner(OnlineLearner):
         twin.issued_ = collections.OrderedDict((k, v.copy()) for k, v in self.issued_.items())
         return twin
 
+    def recalled(self, stored: OnlineLearner) -> OnlineLearner:
+        """``stored`` (a copy of this learner kept at an earlier detection), with this
+        learner's window expert and the level statistics it clips with, when the window
+        expert forgets nothing (``rls_window_forgetting`` 1, the benchmark's setting).
+
+        Such an expert is the least-squares fit to every sample seen so far: nothing in it
+        belongs to one regime, and the live one has learned all the stored one had and every
+        sample since. Bringing the stored one back would throw that evidence away, a cost a
+        short canary window cannot show and the following thousands of samples do
+        (docs/benchmarks.md, "recall keeps the lifelong window expert"). What is
+        regime-bound (the network, the channel expert, which forgets, and the mixture's
+        weights) comes back as it was stored.
+
+        >>> config = ModelConfig(type="rls", rls_window_forgetting=1.0)
+        >>> live = RLSLearner(config, n_inputs=1, lookback=4, horizon=1, target_index=[0])
+        >>> stored = live.clone()
+        >>> _ = live.learn(np.ones((1, 4, 1), np.float32), np.full((1, 1, 1), 2.0, np.float32))
+        >>> back = live.recalled(stored)
+        >>> bool(np.array_equal(back.window_.W_, live.window_.W_)), back.window_ is live.window_
+        (True, False)
+        >>> bool(np.array_equal(back.channel_.W_, stored.channel_.W_))
+        True
+
+        """
+        if not isinstance(stored, RLSLearner) or self.window_.forgetting < 1.0:
+            return stored
+        if stored.window_.W_.shape != self.window_.W_.shape:
+            return stored
+        back = stored.clone()
+        back.window_ = copy.deepcopy(self.window_)
+        back.levels_ = copy.deepcopy(self.levels_)
+        return back
+
     def with_network(
         self, module: torch.nn.Module, config: ModelConfig | None = None
     ) -> RLSLearner:

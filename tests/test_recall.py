@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,6 +22,7 @@ from neuralsync.gates import CanaryGate
 from neuralsync.learner import OnlineLearner
 from neuralsync.pipeline import Pipeline
 from neuralsync.recall import RegimeRecall
+from neuralsync.rls import RLSLearner
 from neuralsync.state import state_digest
 
 
@@ -130,6 +132,48 @@ def test_a_recalled_model_must_also_stand_out_from_noise():
     empty = torch.zeros(0, 1, 1)
     recall.on_regime_change(None, _linear(-1.0), empty, empty)
     assert recall.on_regime_change(None, live, x, x).min_z == 2.5
+
+
+def _rls_live(window_forgetting: float) -> RLSLearner:
+    config = ModelConfig(type="rls", lr=0.01, rls_window_forgetting=window_forgetting)
+    return RLSLearner(config, n_inputs=2, lookback=4, horizon=1, target_index=[0, 1])
+
+
+def _learn_regime(learner: RLSLearner, sign: float, rows: int, seed: int) -> None:
+    generator = np.random.default_rng(seed)
+    for _ in range(rows):
+        window = generator.standard_normal((1, 4, 2)).astype(np.float32)
+        learner.learn(window, sign * window[:, -1:, :])
+
+
+@pytest.mark.parametrize("window_forgetting", [1.0, 0.999])
+def test_a_recalled_rls_model_keeps_the_live_window_expert_only_if_it_forgets_nothing(
+    window_forgetting,
+):
+    # The window expert of an rls model that forgets nothing has learned every sample the
+    # stored copy had and every one since: recall hands it on, with the levels it clips with,
+    # and brings back the regime-bound rest (channel expert, mixture, network) as stored.
+    recall = RegimeRecall(models=2, select=8)
+    live = _rls_live(window_forgetting)
+    empty = torch.zeros(0, 4, 2)
+    _learn_regime(live, -1.0, 200, seed=0)
+    recall.on_regime_change(_change(200), live, empty, empty.narrow(1, 0, 1))
+    stored = RLSLearner.from_state_dict(recall.library_[0], "cpu")
+    _learn_regime(live, 1.0, 200, seed=1)
+    x = torch.randn(16, 4, 2, generator=torch.Generator().manual_seed(2))
+    proposal = recall.on_regime_change(_change(400), live, x, -x[:, -1:, :])
+    back = proposal.learner
+    assert back is not live and back.window_ is not live.window_
+    assert np.array_equal(back.channel_.W_, stored.channel_.W_)
+    assert np.array_equal(back.gram_, stored.gram_)
+    lifelong = window_forgetting == 1.0
+    assert np.array_equal(back.window_.W_, live.window_.W_) is lifelong
+    assert np.array_equal(back.window_.W_, stored.window_.W_) is not lifelong
+    assert (back.levels_.n_ == live.levels_.n_ != stored.levels_.n_) is lifelong
+    # The live model is untouched by what it handed on.
+    before = live.window_.W_.copy()
+    back.learn(x[:1].numpy(), x[:1, -1:, :].numpy())
+    assert np.array_equal(live.window_.W_, before)
 
 
 def test_bad_settings_are_refused(tmp_path):
