@@ -33,9 +33,10 @@ class RegimeRecall(Adapter):
     on the newest ``select`` support samples, the ones just before the canary window, and
     proposes a copy of the best. Then it stores the live model. A recalled model must beat the
     live one on the canary window by ``margin`` (relative), with a paired z-score of at least
-    ``min_z``, to go live. A regime that truly comes
-    back makes its own model far better than the live one, while a stored model that is merely
-    as good (a regime that did not recur) would be a coin toss on a short canary window.
+    ``min_z``, to go live. A regime that truly comes back makes its own model far better than
+    the live one, while a stored model that is merely as good (a regime that did not recur)
+    would be a coin toss on a short canary window. A live model with lifelong state hands it
+    to the copy it brings back (:meth:`~neuralsync.learner.OnlineLearner.recalled`).
 
     Parameters
     ----------
