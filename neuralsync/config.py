@@ -91,6 +91,11 @@ class ModelConfig(_Strict):
         100.0,
         1000.0,
     ]
+    #: With ``type: rls``: the mixture's forecast change is kept, per step and target, between
+    #: the least and the greatest of the experts' forecast changes and zero (the last value),
+    #: so that weights one bad row pulled far cannot forecast beyond every expert. False: the
+    #: mixture as its weights say (what a checkpoint written before the setting does).
+    mixture_hull: bool = True
     #: With ``type: rls``: ``mixture`` forecasts with the mixture of the experts; ``leader``, per
     #: step and target, with whichever of the mixture, each expert alone and the last value has
     #: the lowest discounted out-of-sample squared error so far.

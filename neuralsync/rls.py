@@ -354,6 +354,11 @@ class RLSLearner(OnlineLearner):
         changes = self._changes(windows)
         mixtures = np.einsum("bhte,khte->bhtk", changes, self.shrunk_weights_)
         mixture = (changes * self.weights_).sum(-1, keepdims=True)
+        if self.config.mixture_hull:
+            low = np.minimum(changes.min(-1, keepdims=True), 0.0)
+            high = np.maximum(changes.max(-1, keepdims=True), 0.0)
+            mixtures = np.clip(mixtures, low, high)
+            mixture = np.clip(mixture, low, high)
         candidates = np.concatenate([mixture, changes, np.zeros_like(mixture)], axis=-1)
         return candidates, mixtures
 
@@ -564,6 +569,7 @@ class RLSLearner(OnlineLearner):
             "rls_window_alpha": None,
             "rls_window_forgetting": None,
             "rls_window_clip": None,
+            "mixture_hull": False,
         }
         spec = state["spec"]
         missing = {k: v for k, v in before.items() if k not in spec["config"]}

@@ -483,3 +483,39 @@ def test_a_checkpoint_from_before_the_online_shrinkage_loads_and_learns():
         old.predict(x[i : i + 1])
         assert np.isfinite(old.learn(x[i - 2 : i - 1], y[i - 2 : i - 1]))
     assert old.target_count_ > 0 and np.isfinite(old.predict(x[:4])).all()
+
+
+def _glitched_walk(n: int = 700, lookback: int = 16, glitch: int = 600):
+    """A 4-column random walk with one bad row: every column 40 of its moves away for that
+    row only (exchange_rate.csv has such rows). Windows, and the row after each."""
+    rng = np.random.default_rng(0)
+    walk = np.cumsum(rng.normal(0.0, 0.05, size=(n, 4)), axis=0).astype(np.float32)
+    walk[glitch] += 2.0
+    x = np.stack([walk[i : i + lookback] for i in range(n - lookback)])
+    return x, walk[lookback:, None, :]
+
+
+def test_the_mixture_never_forecasts_beyond_every_expert_and_the_last_value():
+    """The sample that ended on a bad row taught the unbounded mixture a weight far from what
+    every other sample says, and it forecast the next row ~7 away where no expert erred by
+    more than 1.6; bounded to the span of the experts and the last value, it cannot."""
+    x, y = _glitched_walk()
+    after = 600 - 15 + 1  # the window whose last-but-one row is the bad one
+    worst = {}
+    for hull in (False, True):
+        torch.manual_seed(0)
+        config = ModelConfig(type="rls", lr=0.01, mixture_hull=hull)
+        learner = RLSLearner(config, 4, 16, 1, [0, 1, 2, 3])
+        for i in range(after + 1):
+            if i >= 1:
+                learner.learn(x[i - 1 : i], y[i - 1 : i])
+            forecast, candidates = learner.issue(x[i : i + 1])
+        last = x[after, -1]
+        change = forecast[0] - last
+        experts = candidates[0][..., 1:]  # each expert, and the last value (zero change)
+        inside = (change >= experts.min(-1) - 1e-6) & (change <= experts.max(-1) + 1e-6)
+        assert inside.all() == hull
+        worst[hull] = float(np.abs(forecast[0] - y[after]).max())
+        expert_worst = float(np.abs(last[None, :, None] + experts - y[after][..., None]).max())
+    assert worst[False] > 3 * expert_worst
+    assert worst[True] <= expert_worst + 1e-6

@@ -82,6 +82,7 @@ NEURALSYNC_MODEL: dict[str, Any] = {
     "rls_window_clip": 3.0,
     "mixture_forgetting": 0.999,
     "mixture_shrinkage": [1.0, 10.0, 100.0, 1000.0],
+    "mixture_hull": True,
 }
 #: Choices made on the validation windows. Linear baselines: ridge penalty and forgetting
 #: factor. Pipelines: the network's SGD learning rate.
