@@ -325,6 +325,12 @@ def test_rls_components_score_every_candidate_on_validation_and_test(tmp_path):
         assert scores["channel"] < last_value  # the toy series is learnable
     leader = rls_components(data, 2, rls_selection="leader")
     assert leader["test"]["channel"] == figures["test"]["channel"]  # the experts are the same
+    # The live model as the pipeline drives it: the variant without adaptation at the same
+    # rate and width (quick: lr 0.01, the first width) scores the same forecasts.
+    pipeline = run_online(path, 2, quick=True, methods=("neuralsync_no_adapt",))
+    assert pipeline["methods"]["neuralsync_no_adapt"]["mse"] == pytest.approx(
+        figures["test"]["forecast"], rel=1e-6
+    )
 
 
 def test_trace_keeps_every_window_and_the_pipelines_events(tmp_path):

@@ -604,10 +604,12 @@ def rls_components(
 
     The learner is driven directly, without the pipeline (no detector, no adaptation): every
     row from the first is a window it forecasts, and it learns each window once its horizon
-    is observed. ``model`` overrides :data:`NEURALSYNC_MODEL` (e.g. ``rls_selection="leader"``);
-    ``lr`` is the network's. This is how the live model's settings are compared on the
-    validation rows (docs/benchmarks.md): the figures of one candidate say where the mixture
-    gains on its experts or loses to them.
+    is observed, before the forecast from that row, as in the pipeline; the forecast's figures
+    are those of ``neuralsync_no_adapt`` at the same learning rate and clip width. ``model``
+    overrides :data:`NEURALSYNC_MODEL` (e.g. ``rls_selection="leader"``); ``lr`` is the
+    network's. This is how the live model's settings are compared on the validation rows
+    (docs/benchmarks.md): the figures of one candidate say where the mixture gains on its
+    experts or loses to them.
 
     Returns ``{"valid": {...}, "test": {...}}``, each ``{"forecast": mse, "mixture": mse, ...}``.
     """
@@ -636,13 +638,15 @@ def rls_components(
                 for split, (start, stop) in spans.items()
                 if start + LOOKBACK - 1 <= origin < stop - horizon
             ]
-            forecast, candidates = (a[0] for a in learner.issue(window))
+            # As the pipeline does: the window whose horizon this row completes is learned
+            # before the forecast from this row is issued.
             learned = origin - horizon
             if learned >= LOOKBACK - 1:
                 learner.learn(
                     values[learned - LOOKBACK + 1 : learned + 1][None],
                     values[learned + 1 : learned + 1 + horizon][None],
                 )
+            forecast, candidates = (a[0] for a in learner.issue(window))
             for split in scored:
                 truth = values[origin + 1 : origin + 1 + horizon]
                 each = window[0, -1][None, :, None] + candidates - truth[..., None]
