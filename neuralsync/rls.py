@@ -25,7 +25,10 @@ means the same on every scale), and the forecast comes from the one with the low
 out-of-sample error so far, over every step and target (one choice for all of them, steadier
 than one per step). Where the experts forecast well a weak shrinkage leads; on a series close
 to a random walk (exchange rates) the strongest does, and the forecast stays close to the last
-value (docs/benchmarks.md, "the mixture shrunk towards the last value").
+value (docs/benchmarks.md, "the mixture shrunk towards the last value"). The mixture's
+forecast change is kept between the least and the greatest of the experts' changes and zero
+(``mixture_hull``): a weight one bad row pulled far cannot forecast beyond every expert
+(docs/benchmarks.md, "one glitch row").
 
 A least-squares mixture of few, correlated experts is noisy where its samples are few: at long
 horizons the truth arrives ``horizon`` steps late and neighbouring windows' targets overlap, and
