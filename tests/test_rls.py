@@ -519,3 +519,23 @@ def test_the_mixture_never_forecasts_beyond_every_expert_and_the_last_value():
         expert_worst = float(np.abs(last[None, :, None] + experts - y[after][..., None]).max())
     assert worst[False] > 3 * expert_worst
     assert worst[True] <= expert_worst + 1e-6
+
+
+def test_a_checkpoint_from_before_the_bound_forecasts_unbounded():
+    """Written before ``mixture_hull`` existed: it goes on forecasting as it was written, the
+    mixture unbounded, exactly as a learner told ``mixture_hull: false``."""
+    x, y = _glitched_walk()
+    unbounded = ModelConfig(type="rls", lr=0.01, mixture_hull=False)
+    torch.manual_seed(0)
+    learner = RLSLearner(unbounded, 4, 16, 1, [0, 1, 2, 3])
+    for i in range(586):  # up to the sample that ends on the bad row
+        learner.learn(x[i : i + 1], y[i : i + 1])
+    state = learner.state_dict()
+    del state["spec"]["config"]["mixture_hull"]
+    old = learner_from_state_dict(state, "cpu")
+    assert old.config.mixture_hull is False
+    np.testing.assert_array_equal(old.predict(x[586:587]), learner.predict(x[586:587]))
+    # The window after the bad row: the unbounded forecast is what a bounded one cannot be.
+    bounded = learner_from_state_dict(learner.state_dict(), "cpu")
+    bounded.config = bounded.config.model_copy(update={"mixture_hull": True})
+    assert np.abs(bounded.predict(x[586:587]) - old.predict(x[586:587])).max() > 1.0
