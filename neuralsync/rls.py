@@ -566,7 +566,8 @@ class RLSLearner(OnlineLearner):
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], device: torch.device | str) -> RLSLearner:
         # Settings a checkpoint was written before: the behaviour it was written with (the
-        # window expert's inputs relative; its own penalty, forgetting and clipping unset).
+        # window expert's inputs relative; its own penalty, forgetting and clipping unset; the
+        # mixture unbounded).
         before = {
             "rls_window": "relative",
             "rls_window_alpha": None,
