@@ -78,8 +78,9 @@ class ModelConfig(_Strict):
     #: extrapolated. None: no clipping.
     rls_window_clip: Annotated[float, Field(gt=0.0)] | None = 3.0
     #: With ``type: rls``: forgetting factor, per step of the horizon, of the statistics that
-    #: weight the experts (and of the records ``rls_selection: leader`` compares): at horizon
-    #: H they forget H times slower, since neighbouring windows' targets overlap.
+    #: weight the experts (and, unless ``selection_forgetting`` is set, of the records
+    #: ``rls_selection`` compares): at horizon H they forget H times slower, since
+    #: neighbouring windows' targets overlap.
     mixture_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] = 0.999
     #: With ``type: rls``: strengths of the mixture's prior, which pulls every expert's weight
     #: towards zero (the forecast towards the last value), each in samples of the target's
@@ -98,8 +99,16 @@ class ModelConfig(_Strict):
     mixture_hull: bool = True
     #: With ``type: rls``: ``mixture`` forecasts with the mixture of the experts; ``leader``, per
     #: step and target, with whichever of the mixture, each expert alone and the last value has
-    #: the lowest discounted out-of-sample squared error so far.
-    rls_selection: Literal["mixture", "leader"] = "mixture"
+    #: the lowest discounted out-of-sample squared error so far; ``best``, with the one of them
+    #: whose discounted error summed over every step and target is lowest (one choice for the
+    #: whole forecast, steadier than one per step).
+    rls_selection: Literal["mixture", "leader", "best"] = "mixture"
+    #: With ``type: rls``: forgetting factor, per window, of the records ``leader`` and ``best``
+    #: choose by. Not slowed down by the horizon as the mixture's statistics are: a record is
+    #: one number per candidate, and it has to notice an expert that has matured (the window
+    #: expert, with hundreds of weights per target, forecasts poorly for its first thousands
+    #: of windows). None: the mixture's memory (``mixture_forgetting``, H times slower).
+    selection_forgetting: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     #: With ``type: rls``: the window expert's inputs. ``levels``, the window's values as they
     #: are; ``relative``, each column minus its last value (blind to levels, so it never
     #: extrapolates a level the past never reached, but it cannot learn a pull towards one).

@@ -37,8 +37,12 @@ remembers ``horizon`` times longer than ``mixture_forgetting`` says (neighbourin
 targets overlap, so each sample carries about ``1 / horizon`` of the news). With
 ``rls_selection: leader`` the forecast is, per step and target, that of the leader among the
 candidates — the mixture, each expert alone, the last value — by their discounted out-of-sample
-squared errors; the default, ``mixture``, always forecasts with the mixture (docs/benchmarks.md
-has the measurements behind that default).
+squared errors; with ``rls_selection: best``, that of the one candidate whose errors summed over
+every step and target are lowest. Those records remember ``selection_forgetting`` long, without
+the mixture's slowdown by the horizon: the window expert, with hundreds of weights per target,
+forecasts poorly for its first thousands of windows, and a record as long as the mixture's never
+forgets that. The default, ``mixture``, always forecasts with the mixture; the benchmark chooses
+between it and ``best`` on validation rows (docs/benchmarks.md, "the best candidate").
 """
 
 from __future__ import annotations
@@ -217,7 +221,9 @@ class RLSLearner(OnlineLearner):
     ``rls_window_alpha``, ``rls_window_forgetting`` and ``rls_window_clip``, the window
     expert's (unset: ``rls_alpha``; ``n_inputs`` times slower than ``rls_forgetting``, as it
     has ``n_inputs`` times the parameters; no clipping); ``mixture_forgetting`` (that of the
-    mixture's statistics), and the network's own settings.
+    mixture's statistics), ``mixture_shrinkage`` and ``mixture_hull``; ``rls_selection`` and
+    ``selection_forgetting`` (what the forecast is, and the memory of the records it is
+    chosen by), and the network's own settings.
 
     Examples
     --------
@@ -288,6 +294,11 @@ class RLSLearner(OnlineLearner):
         # about 1 / horizon as much as at horizon 1. The mixture's statistics remember horizon
         # times longer, for as many independent samples per weight at every horizon.
         self._mixture_decay = 1.0 - (1.0 - config.mixture_forgetting) / horizon
+        self._selection_decay = (
+            self._mixture_decay
+            if config.selection_forgetting is None
+            else config.selection_forgetting
+        )
         # Expert forecasts by window digest, kept until their truth arrives: the mixture learns
         # from forecasts made before the experts saw the truth (out of sample). Bounded: a
         # forecast learned much later than its horizon is recomputed instead.
@@ -374,6 +385,8 @@ class RLSLearner(OnlineLearner):
     def _select(self, candidates: np.ndarray) -> np.ndarray:
         if self.config.rls_selection == "mixture":
             return candidates[..., 0]
+        if self.config.rls_selection == "best":
+            return candidates[..., int(self.track_.sum((0, 1)).argmin())]
         leader = self.track_.argmin(-1)  # ties go to the first: the mixture
         return np.take_along_axis(candidates, leader[None, ..., None], axis=-1)[..., 0]
 
@@ -444,7 +457,7 @@ class RLSLearner(OnlineLearner):
         target = truths - last[:, None, :]
         decay = self._mixture_decay ** len(windows)
         errors = ((candidates - target[..., None]) ** 2).sum(0)
-        self.track_ = decay * self.track_ + errors
+        self.track_ = self._selection_decay ** len(windows) * self.track_ + errors
         self.shrinkage_track_ = decay * self.shrinkage_track_ + (
             (mixtures - target[..., None]) ** 2
         ).sum((0, 1, 2))

@@ -231,34 +231,61 @@ def test_each_test_pass_waits_for_the_rate_chosen_on_validation(tmp_path):
         assert order.index(("test", method)) > order.index(("valid", chooser, 0.3))
 
 
-def test_the_neuralsync_rows_choose_their_clip_width_at_the_chosen_rate(tmp_path):
-    """The window expert's clip width is chosen on validation after the rate, at the chosen
-    rate; the full pipeline takes its variant's choices, and results.json says what ran."""
+def test_the_neuralsync_rows_choose_their_settings_in_turn_at_the_chosen_rate(tmp_path):
+    """The live model's settings are chosen on validation after the rate, one after another:
+    the window expert's clip width at the chosen rate, then the selection at the chosen rate
+    and width. The full pipeline takes its variant's choices, and results.json says what ran."""
     path, _ = _csv(tmp_path, 1500)
     data = load_dataset(path, rows=1500)
     methods = ("neuralsync_no_adapt", "neuralsync")
-    tasks = _plan(data, 2, 2, methods, [], (0.01, 0.3), seed=0, clip_grid=(3.0, 0.5))
-    width_pass = next(t for t in tasks if t.key == ("valid_clip", methods[0], 0.5))
-    assert set(width_pass.needs) == {("valid", methods[0], lr) for lr in (0.01, 0.3)}
+    choices = (("rls_window_clip", (3.0, 0.5)), ("rls_selection", ("mixture", "best")))
+    tasks = _plan(data, 2, 2, methods, [], (0.01, 0.3), seed=0, choices=choices)
+    by_key = {t.key: t for t in tasks}
+    rates = {("valid", methods[0], lr) for lr in (0.01, 0.3)}
+    width_key = ("valid_model", methods[0], "rls_window_clip", 0.5)
+    best_key = ("valid_model", methods[0], "rls_selection", "best")
+    assert set(by_key[width_key].needs) == rates
+    assert set(by_key[best_key].needs) == rates | {width_key}
+    assert set(by_key[("test", methods[1])].needs) == rates | {width_key, best_key}
     done = _execute(tasks, 1, lambda key, _: None)
-    rates = {lr: done[("valid", methods[0], lr)][0]["mse"] for lr in (0.01, 0.3)}
-    lr = min(rates, key=rates.get)
-    assert done[("valid_clip", methods[0], 0.5)][0]["lr"] == lr
-    widths = {3.0: rates[lr], 0.5: done[("valid_clip", methods[0], 0.5)][0]["mse"]}
+    scores = {lr: done[("valid", methods[0], lr)][0]["mse"] for lr in (0.01, 0.3)}
+    lr = min(scores, key=scores.get)
+    # The rate passes ran with every setting's first value.
+    assert done[("valid", methods[0], 0.3)][0]["model"] == {
+        "rls_window_clip": 3.0,
+        "rls_selection": "mixture",
+    }
+    assert done[width_key][0]["lr"] == lr
+    widths = {3.0: scores[lr], 0.5: done[width_key][0]["mse"]}
     assert widths[0.5] != widths[3.0]  # the width changes the live model's forecasts
+    width = min(widths, key=widths.get)
+    assert done[best_key][0]["lr"] == lr
+    assert done[best_key][0]["model"] == {"rls_window_clip": width, "rls_selection": "best"}
+    selections = {"mixture": widths[width], "best": done[best_key][0]["mse"]}
+    chosen = {"rls_window_clip": width, "rls_selection": min(selections, key=selections.get)}
     for method in methods:
         test = done[("test", method)][0]
-        assert (test["lr"], test["rls_window_clip"]) == (lr, min(widths, key=widths.get))
+        assert (test["lr"], test["model"]) == (lr, chosen)
     result = _pipeline_result(done, methods[0])
-    assert result["selected"] == {"lr": lr, "rls_window_clip": min(widths, key=widths.get)}
-    assert set(result["valid_mse"]) == {"lr=0.01", "lr=0.3", "rls_window_clip=0.5"}
-    # One rate: the grid's first width still gets its own pass to be compared with.
-    one_rate = _plan(data, 2, 2, methods[:1], [], (0.01,), seed=0, clip_grid=(3.0, 0.5))
+    assert result["selected"] == {"lr": lr, **chosen}
+    assert set(result["valid_mse"]) == {
+        "lr=0.01",
+        "lr=0.3",
+        "rls_window_clip=0.5",
+        "rls_selection=best",
+    }
+    # One rate: a setting's first value still gets a pass of its own to be compared with.
+    one_rate = _plan(data, 2, 2, methods[:1], [], (0.01,), seed=0, choices=choices[:1])
     assert {t.key for t in one_rate} == {
         ("valid", methods[0], 0.01),
-        ("valid_clip", methods[0], 0.5),
+        width_key,
         ("test", methods[0]),
     }
+    # Nothing to choose: no validation pass; the test pass runs with the first values.
+    fixed = _plan(
+        data, 2, 2, methods[:1], [], (0.01,), seed=0, choices=(("rls_window_clip", (3.0,)),)
+    )
+    assert {t.key for t in fixed} == {("test", methods[0])}
 
 
 def test_fsnet_protocol_with_a_leak_runs_only_the_baselines(tmp_path):

@@ -357,14 +357,14 @@ def test_track_records_score_each_candidate_as_it_was_issued():
 
 def test_the_leader_falls_back_to_the_last_value_on_a_random_walk():
     """On a random walk nothing beats the last value; the mixture of noisy experts does worse,
-    and the leader selection learns to forecast the last value."""
+    and the leader and best selections learn to forecast the last value."""
     rng = np.random.default_rng(1)
     walk = np.cumsum(rng.normal(size=(1400, 2)), axis=0).astype(np.float32)
     lookback, horizon = 8, 4
     x = np.stack([walk[i : i + lookback] for i in range(1400 - lookback - horizon)])
     y = np.stack([walk[i + lookback : i + lookback + horizon] for i in range(len(x))])
     scores = {}
-    for selection in ("mixture", "leader"):
+    for selection in ("mixture", "leader", "best"):
         torch.manual_seed(0)
         config = ModelConfig(type="rls", rls_selection=selection, lr=0.05)
         learner = RLSLearner(config, 2, lookback, horizon, [0, 1])
@@ -383,6 +383,36 @@ def test_the_leader_falls_back_to_the_last_value_on_a_random_walk():
     assert scores["leader"] < scores["mixture"]
     assert scores["leader"] < 1.02 * last_value
     assert (leaders == CANDIDATES.index("last_value")).mean() >= 0.5
+    assert scores["best"] < scores["mixture"] and scores["best"] < 1.02 * last_value
+
+
+def test_best_forecasts_one_candidate_by_records_of_their_own_memory():
+    """``best`` forecasts, for every step and target, the one candidate whose records summed
+    over them are lowest; those records forget at ``selection_forgetting`` per window, not at
+    the mixture's memory (``horizon`` times slower)."""
+    x, y = _windows(200)
+    horizon = 2
+    learners = {}
+    for memory in (None, 0.9):
+        torch.manual_seed(0)
+        config = ModelConfig(type="rls", rls_selection="best", selection_forgetting=memory)
+        learner = RLSLearner(config, 3, 12, horizon, [0, 1, 2])
+        issued = []
+        for i in range(150):
+            issued.append(learner.issue(x[i : i + 1])[1][0])
+            if i >= horizon:
+                before = learner.track_.copy()
+                j = i - horizon
+                learner.learn(x[j : j + 1], y[j : j + 1])
+        errors = (issued[j] - (y[j] - x[j, -1])[..., None]) ** 2
+        decay = 1 - (1 - 0.999) / horizon if memory is None else memory
+        np.testing.assert_allclose(learner.track_, decay * before + errors, rtol=1e-6)
+        forecast, candidates = learner.issue(x[150:151])
+        best = int(learner.track_.sum((0, 1)).argmin())
+        np.testing.assert_allclose(forecast[0], x[150, -1] + candidates[0, ..., best], rtol=1e-6)
+        learners[memory] = learner
+    # A record that forgets in ten windows ranks the candidates on recent windows only.
+    assert not np.allclose(learners[None].track_, learners[0.9].track_)
 
 
 def _random_walk(n: int = 1400, lookback: int = 8, horizon: int = 4, seed: int = 1):

@@ -31,6 +31,7 @@ linear baselines run; at H = 1 both protocols are the same run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -83,17 +84,27 @@ NEURALSYNC_MODEL: dict[str, Any] = {
     "mixture_forgetting": 0.999,
     "mixture_shrinkage": [1.0, 10.0, 100.0, 1000.0],
     "mixture_hull": True,
+    "rls_selection": "mixture",
+    "selection_forgetting": 0.999,
 }
 #: Choices made on the validation windows. Linear baselines: ridge penalty and forgetting
 #: factor. Pipelines: the network's SGD learning rate.
 LINEAR_GRID = [(alpha, f) for alpha in (1.0, 100.0) for f in (1.0, 0.9999, 0.999)]
 LR_GRID = (0.01, 0.03)
-#: The NeuralSync rows' window-expert clip widths (``rls_window_clip``, in standard deviations),
-#: chosen on validation after the learning rate, at the chosen rate; the first, that of
-#: NEURALSYNC_MODEL, wins ties. Every width bounds the levels (no "off"): a stream that leaves
-#: the rows learned from (ETTh2's test period) cannot be seen on validation rows inside them.
-CLIP_GRID = (3.0, 2.0, 6.0)
-#: The pipeline methods whose live model is NEURALSYNC_MODEL (the clip choice applies).
+#: The NeuralSync rows' live-model settings chosen on validation after the learning rate, one
+#: after another, each at the rate and the settings chosen before it. A setting's first value is
+#: NEURALSYNC_MODEL's: the passes before it ran with it, and it wins ties.
+MODEL_CHOICES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # The window expert's clip width, in standard deviations. Every width bounds the levels
+    # (no "off"): a stream that leaves the rows learned from (ETTh2's test period) cannot be
+    # seen on validation rows inside them.
+    ("rls_window_clip", (3.0, 2.0, 6.0)),
+    # The mixture, or the one candidate with the best recent record (docs/benchmarks.md, "the
+    # best candidate"): where an expert alone beats the mixture (WTH's window expert at long
+    # horizons), and where it does not (ETTh2).
+    ("rls_selection", ("mixture", "best")),
+)
+#: The pipeline methods whose live model is NEURALSYNC_MODEL (MODEL_CHOICES apply).
 RLS_METHODS = ("neuralsync_no_adapt", "neuralsync")
 _TIME = "__row__"
 
@@ -281,7 +292,7 @@ def _linear(
 
 
 def _scenario(
-    data: Dataset, horizon: int, method: str, lr: float, seed: int, clip: float | None = None
+    data: Dataset, horizon: int, method: str, lr: float, seed: int, model: dict | None = None
 ):
     from neuralsync.config import Scenario
 
@@ -297,9 +308,7 @@ def _scenario(
         "seed": seed,
     }
     off = {name: {"enabled": False} for name in ("recall", "meta", "evolution")}
-    rls = {**NEURALSYNC_MODEL, "lr": lr}
-    if clip is not None:
-        rls["rls_window_clip"] = clip
+    rls = {**NEURALSYNC_MODEL, "lr": lr, **(model or {})}
     if method == "sgd_network":
         settings |= {"model": {"lr": lr}, "detector": {"type": "none"}, "adaptation": off}
     elif method == "neuralsync":
@@ -319,17 +328,17 @@ def _run_pipeline(
     stop_split: str,
     seed: int,
     trace: Path | None = None,
-    clip: float | None = None,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stream rows 0 .. the end of ``stop_split`` through a pipeline; score the windows of
     ``stop_split`` (their origin is the window's last row). With ``trace``, the pipeline's
-    events and the per-window errors are written there (:mod:`.online_trace`); ``clip``
-    overrides NEURALSYNC_MODEL's ``rls_window_clip``."""
+    events and the per-window errors are written there (:mod:`.online_trace`); ``model``
+    overrides settings of NEURALSYNC_MODEL (the NeuralSync rows' choices)."""
     from neuralsync.adaptation import build_adapters
     from neuralsync.pipeline import Pipeline
     from neuralsync.sources import DataFrameSource
 
-    scenario = _scenario(data, horizon, method, lr, seed, clip)
+    scenario = _scenario(data, horizon, method, lr, seed, model)
     pipeline = Pipeline(scenario, adapters=build_adapters(scenario))
     events: list[Any] = []
     if trace is not None:
@@ -374,7 +383,7 @@ def _run_pipeline(
     summary = pipeline.metrics()
     return {
         "lr": lr,
-        "rls_window_clip": scenario.model.rls_window_clip if method in RLS_METHODS else None,
+        "model": dict(model or {}) if method in RLS_METHODS else {},
         "mse": float((se / expected).mean()),
         "mae": float((ae / expected).mean()),
         "seconds": seconds,
@@ -435,16 +444,17 @@ def _plan(
     lr_grid: Sequence[float],
     seed: int,
     trace: Path | None = None,
-    clip_grid: Sequence[float] = (NEURALSYNC_MODEL["rls_window_clip"],),
+    choices: Sequence[tuple[str, Sequence[Any]]] = (),
 ) -> list[_Task]:
     """Every run the methods need, with what each waits for.
 
     A pipeline method's validation passes choose its learning rate (one pass per rate in
-    ``lr_grid``); for the NeuralSync rows, further passes at the chosen rate then choose the
-    window expert's clip width (one per width of ``clip_grid`` after its first, which the rate
-    passes ran with). ``neuralsync`` takes the choices ``neuralsync_no_adapt`` made when both
-    run (same live model; the adapters' searches would make a grid of full runs too slow).
-    With ``trace``, each test pass traces itself to ``trace/METHOD``."""
+    ``lr_grid``); for the NeuralSync rows, further passes then choose each live-model setting
+    of ``choices`` in turn, at the chosen rate and the settings chosen before it (one pass per
+    value after its first, which the passes before it ran with). ``neuralsync`` takes the
+    choices ``neuralsync_no_adapt`` made when both run (same live model; the adapters' searches
+    would make a grid of full runs too slow). With ``trace``, each test pass traces itself to
+    ``trace/METHOD``."""
     tasks: list[_Task] = []
     for method in methods:
         traced = None if trace is None else trace / method
@@ -453,46 +463,62 @@ def _plan(
             tasks.append(_Task(("linear", method), 6, (), lambda _, a=args: (_linear_method, a)))
             continue
         chooser = _rate_chooser(method, methods)
-        clips = list(clip_grid) if method in RLS_METHODS else []
-        # The widths after the first need a rate pass to compare with, even with one rate.
-        rates = list(lr_grid) if len(lr_grid) > 1 or len(clips) > 1 else []
+        settings = list(choices) if method in RLS_METHODS else []
+        # A setting's first value needs a rate pass to be compared with, even with one rate.
+        chosen_later = any(len(values) > 1 for _, values in settings)
+        rates = list(lr_grid) if len(lr_grid) > 1 or chosen_later else []
         rate_needs = tuple(("valid", chooser, lr) for lr in rates)
-        clip_needs = tuple(("valid_clip", chooser, c) for c in clips[1:])
+        needs = rate_needs
         if chooser == method:
             rank = 0 if method == "neuralsync_no_adapt" else 3
+            first = {name: values[0] for name, values in settings}
             for lr in rates:
-                args = (data, horizon, method, lr, "valid", seed, None, clips[0] if clips else None)
+                args = (data, horizon, method, lr, "valid", seed, None, first)
                 tasks.append(
                     _Task(("valid", method, lr), rank, (), lambda _, a=args: (_run_pipeline, a))
                 )
-            for c in clips[1:]:
+        for stage, (name, values) in enumerate(settings):
+            stage_needs = tuple(("valid_model", chooser, name, v) for v in values[1:])
+            if chooser == method:
+                for value in values[1:]:
+                    before = settings[:stage]
+                    args = (data, horizon, method, seed, lr_grid, rate_needs, first, before)
+                    setting_pass = functools.partial(_setting_pass, *args, {name: value})
+                    key = ("valid_model", method, name, value)
+                    tasks.append(_Task(key, rank, needs, setting_pass))
+            needs += stage_needs
 
-                def clip_pass(done, method=method, c=c, needs=rate_needs):
-                    lr = _chosen_lr(done, needs, lr_grid)
-                    return _run_pipeline, (data, horizon, method, lr, "valid", seed, None, c)
-
-                tasks.append(_Task(("valid_clip", method, c), rank, rate_needs, clip_pass))
-
-        def call(
-            done,
-            method=method,
-            by=chooser,
-            rates=rate_needs,
-            widths=clip_needs,
-            clips=clips,
-            to=traced,
-        ):
+        def call(done, method=method, by=chooser, rates=rate_needs, settings=settings, to=traced):
             lr = _chosen_lr(done, rates, lr_grid)
-            clip = _chosen_clip(done, by, widths, lr, clips) if clips else None
-            return _run_pipeline, (data, horizon, method, lr, "test", seed, to, clip)
+            model = _chosen_model(done, by, lr, settings) if settings else None
+            return _run_pipeline, (data, horizon, method, lr, "test", seed, to, model)
 
         rank = {"neuralsync": 1, "neuralsync_no_adapt": 2}.get(method, 4)
-        tasks.append(_Task(("test", method), rank, rate_needs + clip_needs, call))
+        tasks.append(_Task(("test", method), rank, needs, call))
     return tasks
 
 
+def _setting_pass(
+    data: Dataset,
+    horizon: int,
+    method: str,
+    seed: int,
+    lr_grid: Sequence[float],
+    rate_needs: Sequence[tuple],
+    first: dict[str, Any],
+    before: Sequence[tuple[str, Sequence[Any]]],
+    setting: dict[str, Any],
+    done: dict[tuple, Any],
+) -> tuple[Callable[..., Any], tuple]:
+    """A validation pass of one value of a live-model setting: at the chosen rate, the values
+    chosen for the settings ``before`` it, and the first value of those after it."""
+    lr = _chosen_lr(done, rate_needs, lr_grid)
+    model = {**first, **_chosen_model(done, method, lr, before), **setting}
+    return _run_pipeline, (data, horizon, method, lr, "valid", seed, None, model)
+
+
 def _rate_chooser(method: str, methods: Sequence[str]) -> str:
-    """Whose validation passes choose ``method``'s learning rate (and clip width)."""
+    """Whose validation passes choose ``method``'s learning rate (and live-model settings)."""
     if method == "neuralsync" and "neuralsync_no_adapt" in methods:
         return "neuralsync_no_adapt"
     return method
@@ -506,20 +532,26 @@ def _chosen_lr(done: dict[tuple, Any], needs: Sequence[tuple], lr_grid: Sequence
     return min(scores, key=scores.get)
 
 
-def _chosen_clip(
+def _chosen_model(
     done: dict[tuple, Any],
     chooser: str,
-    clip_needs: Sequence[tuple],
     lr: float,
-    clip_grid: Sequence[float],
-) -> float:
-    """The width with the lowest validation MSE at the chosen rate ``lr`` among ``chooser``'s
-    passes (ties: the grid's first, whose figure is the chosen rate's own pass)."""
-    if not clip_needs:
-        return clip_grid[0]
-    scores = {clip_grid[0]: done[("valid", chooser, lr)][0]["mse"]}
-    scores |= {key[2]: done[key][0]["mse"] for key in clip_needs}
-    return min(scores, key=scores.get)
+    settings: Sequence[tuple[str, Sequence[Any]]],
+) -> dict[str, Any]:
+    """Each setting's value with the lowest validation MSE among ``chooser``'s passes, in
+    turn, at the rate ``lr`` and the values chosen before it. A setting's first value is
+    scored by the pass that ran with the choices so far (the chosen rate's own pass, or the
+    pass of the value chosen last), and wins ties."""
+    chosen: dict[str, Any] = {}
+    reference = ("valid", chooser, lr)
+    for name, values in settings:
+        if len(values) == 1:
+            chosen[name] = values[0]
+            continue
+        keys = {values[0]: reference} | {v: ("valid_model", chooser, name, v) for v in values[1:]}
+        chosen[name] = min(values, key=lambda v: done[keys[v]][0]["mse"])
+        reference = keys[chosen[name]]
+    return chosen
 
 
 def _execute(
@@ -568,12 +600,10 @@ def _execute(
 
 def _pipeline_result(done: dict[tuple, Any], method: str) -> dict[str, Any]:
     run, seconds = done[("test", method)]
-    valid = {k: done[k] for k in done if k[0] in ("valid", "valid_clip") and k[1] == method}
-    # The rate passes ran at the grid's first width, the width passes at the chosen rate.
-    names = {"valid": "lr", "valid_clip": "rls_window_clip"}
-    selected = {"lr": run["lr"]}
-    if run["rls_window_clip"] is not None:
-        selected["rls_window_clip"] = run["rls_window_clip"]
+    valid = {k: done[k] for k in done if k[0] in ("valid", "valid_model") and k[1] == method}
+    # The rate passes ran with every setting's first value; a setting's passes, at the chosen
+    # rate and the values chosen before it.
+    selected = {"lr": run["lr"], **run["model"]}
     return {
         "mse": run["mse"],
         "mae": run["mae"],
@@ -583,7 +613,10 @@ def _pipeline_result(done: dict[tuple, Any], method: str) -> dict[str, Any]:
         "test_windows": run["windows"],
         # The test pass ran with the settings chosen on validation (its own, or its variant's).
         "selected": selected,
-        "valid_mse": {f"{names[k[0]]}={k[2]}": r["mse"] for k, (r, _) in valid.items()},
+        "valid_mse": {
+            f"lr={k[2]}" if k[0] == "valid" else f"{k[2]}={k[3]}": r["mse"]
+            for k, (r, _) in valid.items()
+        },
         "swaps": run["swaps"],
         "regime_changes": run["regime_changes"],
     }
@@ -705,10 +738,10 @@ def run_online(
     run = [m for m in methods if m in LINEAR_METHODS or not skipped]
     linear_grid = LINEAR_GRID[:1] if quick else LINEAR_GRID
     lr_grid = (0.01,) if quick else LR_GRID
-    clip_grid = CLIP_GRID[:1] if quick else CLIP_GRID
+    choices = [(name, values[:1] if quick else values) for name, values in MODEL_CHOICES]
     started = time.perf_counter()
     traced = Path(out) / "trace" if trace and out is not None else None
-    tasks = _plan(dataset, horizon, delay, run, linear_grid, lr_grid, seed, traced, clip_grid)
+    tasks = _plan(dataset, horizon, delay, run, linear_grid, lr_grid, seed, traced, choices)
     results: dict[str, Any] = {}
 
     def finish(key: tuple, done: dict[tuple, Any]) -> None:
