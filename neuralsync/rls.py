@@ -40,9 +40,10 @@ candidates — the mixture, each expert alone, the last value — by their disco
 squared errors; with ``rls_selection: best``, that of the one candidate whose errors summed over
 every step and target are lowest. Those records remember ``selection_forgetting`` long, without
 the mixture's slowdown by the horizon: the window expert, with hundreds of weights per target,
-forecasts poorly for its first thousands of windows, and a record as long as the mixture's never
-forgets that. The default, ``mixture``, always forecasts with the mixture; the benchmark chooses
-between it and ``best`` on validation rows (docs/benchmarks.md, "the best candidate").
+forecasts poorly for its first thousands of windows, and a record as long as the mixture's keeps
+that for tens of thousands of windows at long horizons. The default, ``mixture``, always
+forecasts with the mixture; the benchmark chooses between it and ``best`` on validation rows
+(docs/benchmarks.md, "the best candidate").
 """
 
 from __future__ import annotations
