@@ -95,6 +95,14 @@ class CanaryGate(Gate):
     """Accept a proposal whose canary error beats the live model's by ``margin`` (relative;
     a proposal's own ``margin``, when larger, applies instead; so does its ``min_z``).
 
+    Whatever the margin, an advantage must be larger than ``resolution`` (relative, 1e-6 by
+    default): the forecasts are float32, which carries about seven significant digits, so a
+    candidate whose mean error is lower by less than that forecasts what the live model does
+    up to rounding. Swapping it in gains nothing and throws away what the live model carries
+    (its optimiser state and recent fit); with ``rls_selection: best``, where a new network
+    changes only candidates that are not forecast, such swaps won canaries by 2e-8 to 1.4e-7
+    and cost error after them (docs/benchmarks.md).
+
     For a proposal that carries ``canary_errors`` (errors measured test-then-train over a long
     window, as a deferred search's winner does), ``min_z`` > 0 also asks the advantage to
     stand out from noise: the paired z-score of the per-sample error differences must reach it
@@ -117,12 +125,18 @@ class CanaryGate(Gate):
     """
 
     def __init__(
-        self, margin: float = 0.0, min_z: float = 0.0, horizon: int = 1, canary_min_z: float = 0.0
+        self,
+        margin: float = 0.0,
+        min_z: float = 0.0,
+        horizon: int = 1,
+        canary_min_z: float = 0.0,
+        resolution: float = 1e-6,
     ):
         self.margin = margin
         self.min_z = min_z
         self.horizon = horizon
         self.canary_min_z = canary_min_z
+        self.resolution = resolution
 
     def decide(
         self,
@@ -146,6 +160,12 @@ class CanaryGate(Gate):
             if accepted
             else f"candidate does not beat the live model on the canary window{by}"
         )
+        if accepted and not candidate < live * (1.0 - self.resolution):
+            accepted = False
+            reason = (
+                f"candidate's advantage on the canary window ({1.0 - candidate / live:.1e}, "
+                f"relative) is below the forecasts' resolution ({self.resolution:g})"
+            )
         if len(errors) > 1:
             # The advantage should stand out from sample-to-sample noise (a paired z-score of
             # the error differences): errors measured test-then-train over a long window (a
@@ -191,8 +211,9 @@ class StabilityGate(CanaryGate):
         min_z: float = 0.0,
         horizon: int = 1,
         canary_min_z: float = 0.0,
+        resolution: float = 1e-6,
     ):
-        super().__init__(margin, min_z, horizon, canary_min_z)
+        super().__init__(margin, min_z, horizon, canary_min_z, resolution)
         self.risk_threshold = risk_threshold
 
     def decide(

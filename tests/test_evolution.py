@@ -8,6 +8,7 @@ to stay fast.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -240,6 +241,22 @@ def test_a_canary_scored_proposal_can_be_asked_for_evidence_too():
     assert any_advantage.accepted and any_advantage.figures["advantage_z"] > 0
     asked = StabilityGate(canary_min_z=50.0).decide(proposal, barely_worse, x, y)
     assert not asked.accepted and "within noise" in asked.reason
+
+
+def test_an_advantage_below_the_forecasts_resolution_is_no_reason_to_swap():
+    # Lower by 1e-7 of the error on every sample: consistent (z above 40), but a float32
+    # forecast's rounding, not a better model.
+    live = _live(0)
+    x, y = _windows(64)
+    g = torch.Generator().manual_seed(5)
+    live_errors = 1.0 + torch.rand(64, generator=g, dtype=torch.float64)
+    proposal = Proposal(live, "evolution", {"risk": 0.1}, canary_errors=live_errors * (1 - 1e-7))
+    refused = StabilityGate(min_z=1.0).decide(proposal, live_errors, x, y)
+    assert not refused.accepted and "below the forecasts' resolution (1e-06)" in refused.reason
+    assert refused.figures["advantage_z"] > 10.0
+    assert StabilityGate(min_z=1.0, resolution=0.0).decide(proposal, live_errors, x, y).accepted
+    material = dataclasses.replace(proposal, canary_errors=live_errors * (1 - 1e-5))
+    assert StabilityGate(min_z=1.0).decide(material, live_errors, x, y).accepted
 
 
 # -- in the stream --------------------------------------------------------------------------------
