@@ -150,7 +150,9 @@ class CanaryGate(Gate):
         else:
             errors = proposal.learner.squared_errors(canary_x, canary_y).to(torch.float64)
         candidate = float(errors.mean())
-        live = float(live_errors.mean())
+        # Both means in float64: a float32 mean of the live errors is off by about 1e-7 of
+        # itself, which once let a candidate with the very same errors win.
+        live = float(live_errors.to(torch.float64).mean())
         margin = max(self.margin, proposal.margin)
         accepted = bool(math.isfinite(candidate) and candidate < live * (1.0 - margin))
         figures = {"candidate_mse": candidate, "live_mse": live, "margin": margin}

@@ -259,6 +259,19 @@ def test_an_advantage_below_the_forecasts_resolution_is_no_reason_to_swap():
     assert StabilityGate(min_z=1.0).decide(material, live_errors, x, y).accepted
 
 
+def test_the_gate_compares_both_means_in_float64():
+    # float32 errors whose float32 mean is above their float64 mean (by 1.4e-7 of it): the
+    # very same errors must not beat themselves, whatever the resolution.
+    live = _live(0)
+    x, y = _windows(64)
+    errors = (3 * torch.rand(64, generator=torch.Generator().manual_seed(0))).square()
+    assert float(errors.mean()) > float(errors.double().mean())
+    same = Proposal(live, "evolution", {"risk": 0.1}, canary_errors=errors.clone())
+    decision = StabilityGate(resolution=0.0).decide(same, errors, x, y)
+    assert not decision.accepted
+    assert decision.figures["candidate_mse"] == decision.figures["live_mse"]
+
+
 # -- in the stream --------------------------------------------------------------------------------
 
 
