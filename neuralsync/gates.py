@@ -136,6 +136,10 @@ class CanaryGate(Gate):
         self.min_z = min_z
         self.horizon = horizon
         self.canary_min_z = canary_min_z
+        if not 0.0 <= resolution < 1.0:
+            raise ValueError(
+                f"resolution: expected a relative advantage in [0, 1), got {resolution!r}"
+            )
         self.resolution = resolution
 
     def decide(

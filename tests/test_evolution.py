@@ -257,6 +257,8 @@ def test_an_advantage_below_the_forecasts_resolution_is_no_reason_to_swap():
     assert StabilityGate(min_z=1.0, resolution=0.0).decide(proposal, live_errors, x, y).accepted
     material = dataclasses.replace(proposal, canary_errors=live_errors * (1 - 1e-5))
     assert StabilityGate(min_z=1.0).decide(material, live_errors, x, y).accepted
+    with pytest.raises(ValueError, match=r"resolution: expected .* \[0, 1\), got -1e-06"):
+        StabilityGate(resolution=-1e-6)
 
 
 def test_the_gate_compares_both_means_in_float64():
