@@ -77,6 +77,11 @@ class ModelConfig(_Strict):
     #: c * std * tanh((x - mean) / (c * std))``), so that a level far outside them is not
     #: extrapolated. None: no clipping.
     rls_window_clip: Annotated[float, Field(gt=0.0)] | None = 3.0
+    #: With ``type: rls``: how many of the window's last rows the window expert reads, every
+    #: column of each. None: the whole lookback. Where the series is (close to) a first-order
+    #: system, its last row holds what the window can say about the future, and a map over
+    #: it has ``lookback`` times fewer weights to estimate.
+    rls_window_lags: Annotated[int, Field(gt=0)] | None = None
     #: With ``type: rls``: forgetting factor, per step of the horizon, of the statistics that
     #: weight the experts (and, unless ``selection_forgetting`` is set, of the records
     #: ``rls_selection`` compares): at horizon H they forget H times slower, since

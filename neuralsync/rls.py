@@ -219,9 +219,10 @@ class RLSLearner(OnlineLearner):
 
     Settings read from the :class:`~neuralsync.config.ModelConfig`: ``rls_alpha`` (ridge
     penalty of the channel expert's start), ``rls_forgetting`` (its forgetting factor);
-    ``rls_window_alpha``, ``rls_window_forgetting`` and ``rls_window_clip``, the window
-    expert's (unset: ``rls_alpha``; ``n_inputs`` times slower than ``rls_forgetting``, as it
-    has ``n_inputs`` times the parameters; no clipping); ``mixture_forgetting`` (that of the
+    ``rls_window_alpha``, ``rls_window_forgetting``, ``rls_window_clip`` and
+    ``rls_window_lags``, the window expert's (unset: ``rls_alpha``; ``n_inputs`` times slower
+    than ``rls_forgetting``, as it has ``n_inputs`` times the parameters; no clipping; the
+    whole lookback); ``mixture_forgetting`` (that of the
     mixture's statistics), ``mixture_shrinkage`` and ``mixture_hull``; ``rls_selection`` and
     ``selection_forgetting`` (what the forecast is, and the memory of the records it is
     chosen by), and the network's own settings.
@@ -272,8 +273,14 @@ class RLSLearner(OnlineLearner):
         if window_forgetting is None:
             window_forgetting = 1.0 - (1.0 - forgetting) / n_inputs
         window_alpha = alpha if config.rls_window_alpha is None else config.rls_window_alpha
+        self._window_lags = lookback if config.rls_window_lags is None else config.rls_window_lags
+        if self._window_lags > lookback:
+            raise ValueError(
+                f"rls_window_lags: expected at most the lookback ({lookback} rows), "
+                f"got {self._window_lags}"
+            )
         self.window_ = RLS(
-            lookback * n_inputs + 1, horizon * n_targets, window_alpha, window_forgetting
+            self._window_lags * n_inputs + 1, horizon * n_targets, window_alpha, window_forgetting
         )
         # Every input column's running mean and variance over the rows the window expert has
         # learned from: the scale its levels are clipped at.
@@ -325,7 +332,8 @@ class RLSLearner(OnlineLearner):
         return np.stack([channel.transpose(0, 2, 1), window, network], axis=-1)
 
     def _window_features(self, windows: np.ndarray) -> np.ndarray:
-        """The window expert's inputs: the flattened window (``rls_window``), and a bias.
+        """The window expert's inputs: the window's last ``rls_window_lags`` rows, flattened
+        (``rls_window``), and a bias.
 
         Over levels by default: where a series is pulled towards a level (a temperature's
         daily mean) the expert can learn it. A linear map over levels extrapolates where the
@@ -335,6 +343,7 @@ class RLSLearner(OnlineLearner):
         edge (docs/benchmarks.md, "the window expert clipped"). ``relative`` takes every
         column minus its last value, as the other experts do.
         """
+        windows = windows[:, -self._window_lags :, :]
         if self.config.rls_window == "relative":
             windows = windows - windows[:, -1:, :]
         elif self.config.rls_window_clip is not None and self.levels_.n_ > 1:
@@ -550,7 +559,11 @@ class RLSLearner(OnlineLearner):
             # Keep what rebuilds the network from a checkpoint: its genome, or its widths
             # (a "linear" network is a window MLP without hidden layers).
             hidden = [] if config.type == "linear" else config.hidden
-            twin.config = config.model_copy(update={"type": "rls", "hidden": hidden})
+            # The window expert stays this one, so its shape setting must too.
+            lags = self.config.rls_window_lags
+            twin.config = config.model_copy(
+                update={"type": "rls", "hidden": hidden, "rls_window_lags": lags}
+            )
         twin.module_ = module.to(self.device)
         twin.optimizer_ = twin._make_optimizer()
         twin._has_dropout = twin.config.dropout > 0

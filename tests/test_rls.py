@@ -235,6 +235,60 @@ def test_the_window_clip_scale_is_that_of_the_rows_learned_from():
         ModelConfig(type="rls", rls_window_clip=0.0)
 
 
+def _first_order(n: int, lookback: int = 24, horizon: int = 4, seed: int = 0):
+    """Windows of a first-order system with an observed driver (``scenarios/recurring.csv``'s
+    form): the last row holds all the window says about the future."""
+    rng = np.random.default_rng(seed)
+    rows = n + lookback + horizon
+    driver, value = np.zeros(rows), np.zeros(rows)
+    for t in range(1, rows):
+        driver[t] = 0.8 * driver[t - 1] + rng.normal()
+        value[t] = 0.9 * value[t - 1] + 0.5 * driver[t - 1] + 0.5 * rng.normal()
+    series = np.stack([driver, value], axis=1).astype(np.float32)
+    x = np.stack([series[i : i + lookback] for i in range(n)])
+    y = np.stack([series[i + lookback : i + lookback + horizon] for i in range(n)])
+    return x, y
+
+
+def test_the_window_expert_over_the_last_row_has_fewer_weights_to_learn():
+    x, y = _first_order(600)
+    errors = {}
+    for lags in (None, 1):
+        config = ModelConfig(type="rls", rls_window_lags=lags)
+        _, learner = _stream_mixture(x[:400], y[:400], 4, config, 0)
+        assert learner.window_.W_.shape == ((lags or 24) * 2 + 1, 4 * 2)
+        change = _window_change(learner, x[400:])
+        errors[lags] = float(((x[400:, -1:, :] + change - y[400:]) ** 2).mean())
+    # 49 weights per output against 3, from 400 samples: the whole window's map is noisier.
+    assert errors[1] < 0.95 * errors[None]
+
+
+def test_the_window_expert_reads_only_its_last_rows():
+    x, y = _first_order(60, lookback=8)
+    torch.manual_seed(0)
+    config = ModelConfig(type="rls", rls_window_lags=2)
+    learner = RLSLearner(config, n_inputs=2, lookback=8, horizon=4, target_index=[0, 1])
+    for i in range(50):
+        learner.learn(x[i : i + 1], y[i : i + 1])
+    earlier_rows_changed = x[50:51].copy()
+    earlier_rows_changed[:, :-2] += 10.0
+    np.testing.assert_array_equal(
+        _window_change(learner, earlier_rows_changed), _window_change(learner, x[50:51])
+    )
+    twin = learner_from_state_dict(learner.state_dict(), "cpu")
+    assert twin.config.rls_window_lags == 2
+    np.testing.assert_array_equal(twin.predict(x[50:55]), learner.predict(x[50:55]))
+    assert (
+        learner.with_network(learner.module_, ModelConfig(type="mlp")).config.rls_window_lags == 2
+    )
+    with pytest.raises(
+        ValueError, match=r"rls_window_lags: expected at most the lookback \(8 rows\), got 9"
+    ):
+        RLSLearner(ModelConfig(type="rls", rls_window_lags=9), 2, 8, 4, [0, 1])
+    with pytest.raises(ValueError, match="rls_window_lags"):
+        ModelConfig(type="rls", rls_window_lags=0)
+
+
 def test_a_checkpoint_from_before_the_window_settings_keeps_its_window_expert():
     """Written before ``rls_window_alpha``, ``rls_window_forgetting`` and ``rls_window_clip``
     existed: its window expert goes on with the penalty, forgetting and unclipped inputs it

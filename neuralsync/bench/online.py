@@ -81,6 +81,7 @@ NEURALSYNC_MODEL: dict[str, Any] = {
     "rls_window_alpha": 100.0,
     "rls_window_forgetting": 1.0,
     "rls_window_clip": 3.0,
+    "rls_window_lags": None,
     "mixture_forgetting": 0.999,
     "mixture_shrinkage": [1.0, 10.0, 100.0, 1000.0],
     "mixture_hull": True,
@@ -95,6 +96,10 @@ LR_GRID = (0.01, 0.03)
 #: after another, each at the rate and the settings chosen before it. A setting's first value is
 #: NEURALSYNC_MODEL's: the passes before it ran with it, and it wins ties.
 MODEL_CHOICES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # The window expert over the whole window, or over its last row only: the state of a
+    # first-order system, with the lookback's times fewer weights (docs/benchmarks.md, "the
+    # window expert over the last row").
+    ("rls_window_lags", (None, 1)),
     # The window expert's clip width, in standard deviations. Every width bounds the levels
     # (no "off"): a stream that leaves the rows learned from (ETTh2's test period) cannot be
     # seen on validation rows inside them.
