@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
     from neuralsync.learner import OnlineLearner
@@ -27,6 +28,7 @@ __all__ = [
     "Gate",
     "GateDecision",
     "Prediction",
+    "PredictionColumns",
     "PredictionSink",
     "Proposal",
     "RegimeChange",
@@ -124,6 +126,69 @@ class Prediction(NamedTuple):
     truth: float
     #: The last value observed when the forecast was issued: the last-value baseline's forecast.
     last_value: float
+
+
+@dataclass(frozen=True)
+class PredictionColumns:
+    """Scored forecast values as columns: the fields of :class:`Prediction`, one array each.
+
+    What :meth:`Pipeline.process_columns <neuralsync.pipeline.Pipeline.process_columns>`
+    returns. A row at horizon ``H`` with ``T`` targets completes ``H * T`` values; building a
+    record for each is most of the pipeline's own work at long horizons, and a caller that
+    aggregates (a backtest, a benchmark) wants arrays anyway. Entry ``i`` of every column is
+    record ``i`` of :meth:`records`, in the order :meth:`Pipeline.process` returns them.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> columns = PredictionColumns.from_records(
+    ...     [Prediction(0.0, 1.0, None, "y", 1, 0.5, 0.75, 0.25)]
+    ... )
+    >>> len(columns), columns.prediction - columns.truth
+    (1, array([-0.25]))
+    >>> columns.records()[0] == Prediction(0.0, 1.0, None, "y", 1, 0.5, 0.75, 0.25)
+    True
+    """
+
+    issued_at: np.ndarray  # object: stream times (str, float or None)
+    timestamp: np.ndarray  # object
+    key: np.ndarray  # object: str or None
+    target: np.ndarray  # object: the target's name
+    step: np.ndarray  # int64
+    prediction: np.ndarray  # float64
+    truth: np.ndarray  # float64
+    last_value: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    @classmethod
+    def from_records(cls, records: list[Prediction]) -> PredictionColumns:
+        """The columns of ``records`` (any number, none included)."""
+        fields = list(zip(*records, strict=True)) if records else [()] * len(Prediction._fields)
+        dtypes = (object, object, object, object, np.int64, np.float64, np.float64, np.float64)
+        return cls(*(np.array(f, dtype=d) for f, d in zip(fields, dtypes, strict=True)))
+
+    def records(self) -> list[Prediction]:
+        """The same values as :class:`Prediction` records."""
+        rows = zip(
+            self.issued_at.tolist(),
+            self.timestamp.tolist(),
+            self.key.tolist(),
+            self.target.tolist(),
+            self.step.tolist(),
+            self.prediction.tolist(),
+            self.truth.tolist(),
+            self.last_value.tolist(),
+            strict=True,
+        )
+        return [Prediction(*row) for row in rows]
+
+    def to_frame(self) -> pd.DataFrame:
+        """A pandas DataFrame with one column per field, one row per value."""
+        import pandas as pd
+
+        return pd.DataFrame({name: getattr(self, name) for name in Prediction._fields})
 
 
 class PredictionSink(abc.ABC):

@@ -189,7 +189,7 @@ class OnlineForecaster:
             source_name="learn_one",
             time_kind=kind,
         )
-        self.pipeline.process(batch)
+        self.pipeline.process_columns(batch)  # the values are not read: no records
 
     def learn_many(self, frame: pd.DataFrame) -> None:
         """Observe many rows at once, in order: several bars, several keys, or both.
@@ -232,7 +232,7 @@ class OnlineForecaster:
             source_name="learn_many row",
         )
         self._check_batch(batch)
-        self.pipeline.process(batch)
+        self.pipeline.process_columns(batch)  # the values are not read: no records
 
     def freeze(self) -> None:
         """Stop learning: forecasts are still issued and scored, the model no longer changes.

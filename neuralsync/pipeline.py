@@ -27,7 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuralsync.base import Adapter, Batch, Deferred, Gate, Prediction, Proposal, RegimeChange
+from neuralsync.base import (
+    Adapter,
+    Batch,
+    Deferred,
+    Gate,
+    Prediction,
+    PredictionColumns,
+    Proposal,
+    RegimeChange,
+)
 from neuralsync.config import Scenario
 from neuralsync.errors import ConfigError, DataError, StreamOrderError, suggest
 from neuralsync.events import Event, EventBus, format_stream_time
@@ -44,6 +53,57 @@ __all__ = ["Pipeline"]
 
 #: Values a row completes from which they are scored as arrays (Pipeline._score).
 SCORE_AS_ARRAYS = 12
+
+
+class _ColumnsOut:
+    """Collects the values a batch scores as column blocks (:meth:`Pipeline.process_columns`),
+    one block a row, instead of one :class:`Prediction` per value."""
+
+    def __init__(self, targets: Sequence[str]) -> None:
+        self._targets = np.asarray(targets, dtype=object)
+        self._blocks: list[tuple] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._blocks)
+
+    def add(
+        self,
+        issued_at: list[Any],
+        observed_at: Any,
+        key: str | None,
+        steps: list[int],
+        values: np.ndarray,
+        truth: np.ndarray,
+        lasts: np.ndarray,
+    ) -> None:
+        """``values`` and ``lasts`` ``(forecasts, targets)``; ``truth`` ``(targets,)``."""
+        self._blocks.append((issued_at, observed_at, key, steps, values, truth, lasts))
+
+    def columns(self) -> PredictionColumns:
+        if not self._blocks:
+            return PredictionColumns.from_records([])
+        n_targets = len(self._targets)
+        issued, observed, keys, steps, values, truths, lasts = [], [], [], [], [], [], []
+        for issued_at, observed_at, key, step, value, truth, last in self._blocks:
+            n = len(step) * n_targets
+            issued.extend(np.repeat(np.array(issued_at, dtype=object), n_targets))
+            observed.extend([observed_at] * n)
+            keys.extend([key] * n)
+            steps.append(np.repeat(np.asarray(step, dtype=np.int64), n_targets))
+            values.append(value.ravel())
+            truths.append(np.tile(truth, len(step)))
+            lasts.append(last.ravel())
+        n_rows = sum(len(block[3]) for block in self._blocks)
+        return PredictionColumns(
+            issued_at=np.array(issued, dtype=object),
+            timestamp=np.array(observed, dtype=object),
+            key=np.array(keys, dtype=object),
+            target=np.tile(self._targets, n_rows),
+            step=np.concatenate(steps),
+            prediction=np.concatenate(values).astype(np.float64, copy=False),
+            truth=np.concatenate(truths).astype(np.float64, copy=False),
+            last_value=np.concatenate(lasts).astype(np.float64, copy=False),
+        )
 
 
 @dataclass
@@ -286,9 +346,45 @@ class Pipeline:
     def process(self, batch: Batch) -> list[Prediction]:
         """Consume a batch; return the forecasts whose truth arrived (and new forecasts'
         values are held until theirs does)."""
+        out: list[Prediction] = []
+        self._process(batch, out)
+        if out and self.on_prediction is not None:
+            self.on_prediction(out)
+        return out
+
+    def process_columns(self, batch: Batch) -> PredictionColumns:
+        """:meth:`process`, returning the scored values as columns rather than records.
+
+        The same values in the same order (``process_columns(batch).records()`` equals what
+        :meth:`process` returns), without building a record per value: at WTH's 48 steps of
+        12 columns that is 576 records a row, and most of the pipeline's own work
+        (docs/performance.md, "Long horizons: scored values as columns"). For callers that
+        aggregate, or that do not read the values at all.
+
+        Examples
+        --------
+        >>> import numpy as np, pandas as pd
+        >>> from neuralsync.config import Scenario
+        >>> from neuralsync.sources import DataFrameSource
+        >>> frame = pd.DataFrame({"t": np.arange(40.0), "y": np.sin(np.arange(40.0) / 4)})
+        >>> scenario = Scenario(name="sine", timestamp="t", targets="y", lookback=8,
+        ...                     horizon=3, detector={"type": "none"})
+        >>> pipeline = Pipeline(scenario)
+        >>> columns = [pipeline.process_columns(b) for b in DataFrameSource.for_scenario(
+        ...     frame, scenario, chunk_size=20)]
+        >>> [len(c) for c in columns], columns[1].step[:4].tolist()
+        ([33, 60], [3, 2, 1, 3])
+        """
+        out = _ColumnsOut(self.targets)
+        self._process(batch, out)
+        columns = out.columns()
+        if out and self.on_prediction is not None:
+            self.on_prediction(columns.records())
+        return columns
+
+    def _process(self, batch: Batch, out: list[Prediction] | _ColumnsOut) -> None:
         if self._column_map is None or batch.columns != self._columns:
             self._bind_columns(batch)
-        out: list[Prediction] = []
         values = batch.values[:, self._column_map]
         with self._own_rng():
             for i in range(len(batch)):
@@ -296,9 +392,6 @@ class Pipeline:
                 timestamp = batch.timestamps[i].item()
                 key = "" if batch.keys is None else str(batch.keys[i])
                 self._process_row(batch, i, key, timestamp, values[i], out)
-        if out and self.on_prediction is not None:
-            self.on_prediction(out)
-        return out
 
     def _stream_time(self, timestamp: Any) -> Any:
         return format_stream_time(timestamp, self.time_kind)
@@ -344,7 +437,13 @@ class Pipeline:
             return None
 
     def _process_row(
-        self, batch: Batch, i: int, key: str, timestamp: Any, row: np.ndarray, out: list[Prediction]
+        self,
+        batch: Batch,
+        i: int,
+        key: str,
+        timestamp: Any,
+        row: np.ndarray,
+        out: list[Prediction] | _ColumnsOut,
     ) -> None:
         if i in batch.errors:
             reason, raw = batch.errors[i]
@@ -421,7 +520,7 @@ class Pipeline:
                 self.change_point_key_rows_[j] = key_rows
 
     def _observe_truths(
-        self, state: _SeriesState, key: str, row: np.ndarray, out: list[Prediction]
+        self, state: _SeriesState, key: str, row: np.ndarray, out: list[Prediction] | _ColumnsOut
     ) -> None:
         horizon = self.scenario.horizon
         # Pending forecasts are in issue order: those this row is a step of their horizon to are
@@ -440,7 +539,7 @@ class Pipeline:
         key: str,
         truth_now: np.ndarray,
         observing: list[_Pending],
-        out: list[Prediction],
+        out: list[Prediction] | _ColumnsOut,
     ) -> None:
         """Score the pending forecasts that ``truth_now`` is a step of, emit their predictions,
         and feed the newest one's error to the detector."""
@@ -449,26 +548,35 @@ class Pipeline:
             p.forecast[s - 1] * p.scale + p.center for p, s in zip(observing, steps, strict=True)
         ]
         as_arrays = len(observing) * len(self.targets) >= self.score_as_arrays
+        as_columns = isinstance(out, _ColumnsOut)
+        if as_arrays or as_columns:
+            values, lasts = np.stack(forecasts), np.stack([p.last for p in observing])
         if as_arrays:
             # A stream forecasting many steps of many targets scores horizon * targets values a
             # row; a Python call per value was half of the pipeline's time at WTH's 48 steps of
             # 12 columns. Below that, the arrays' fixed cost is the larger (docs/performance.md).
-            values, lasts = np.stack(forecasts), np.stack([p.last for p in observing])
             truths = np.broadcast_to(truth_now, values.shape)
             self.metrics_.update_many(values, truths, lasts)
             state.metrics.update_many(values, truths, lasts)
         observed_at, series = self._stream_time(state.last_timestamp), key or None
+        if as_columns:
+            issued = [self._stream_time(p.issued_at) for p in observing]
+            out.add(issued, observed_at, series, steps, values, truth_now, lasts)
         truth_values = truth_now.tolist()
         for pending, step, forecast in zip(observing, steps, forecasts, strict=True):
             pending.truth[step - 1] = truth_now
-            issued_at = self._stream_time(pending.issued_at)
+            if as_arrays and as_columns:
+                continue
             row_values = (forecast.tolist(), truth_values, pending.last.tolist())
-            for target, value, truth, last in zip(self.targets, *row_values, strict=True):
-                if not as_arrays:
+            if not as_arrays:
+                for value, truth, last in zip(*row_values, strict=True):
                     self.metrics_.update(value, truth, last)
                     state.metrics.update(value, truth, last)
-                out.append(
+            if not as_columns:
+                issued_at = self._stream_time(pending.issued_at)
+                out.extend(
                     Prediction(issued_at, observed_at, series, target, step, value, truth, last)
+                    for target, value, truth, last in zip(self.targets, *row_values, strict=True)
                 )
         if steps[-1] == 1:
             newest = observing[-1]

@@ -157,3 +157,10 @@ def test_long_horizon_scoring_both_ways_scores_the_same_values_the_same(figures)
     assert long_horizon["as_arrays_over_one_at_a_time"] == pytest.approx(
         arrays["rows_per_second"] / one_by_one["rows_per_second"]
     )
+    columns = long_horizon["as_columns"]
+    assert _positive(columns["rows_per_second"])
+    # Columns and records scored as arrays take the same scoring path: equal to the bit.
+    assert columns["values_scored"] == scored and columns["mse"] == arrays["mse"]
+    assert long_horizon["as_columns_over_as_arrays"] == pytest.approx(
+        columns["rows_per_second"] / arrays["rows_per_second"]
+    )

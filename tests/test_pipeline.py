@@ -436,6 +436,55 @@ def test_scoring_as_arrays_changes_no_record_and_no_figure_beyond_rounding(monke
         )
 
 
+def _records_and_columns(scenario: Scenario, frame: pd.DataFrame):
+    """Two pipelines on the same stream, one returning records, one columns."""
+    runs = []
+    for as_columns in (False, True):
+        pipeline = Pipeline(scenario)
+        source = DataFrameSource.for_scenario(frame, scenario, chunk_size=37)
+        scored = []
+        for batch in source:
+            if as_columns:
+                scored.append(pipeline.process_columns(batch))
+            else:
+                scored += pipeline.process(batch)
+        runs.append((pipeline, scored))
+    return runs
+
+
+@pytest.mark.parametrize("as_arrays", [False, True])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_scored_values_as_columns_are_the_records_in_the_same_order(monkeypatch, as_arrays, keyed):
+    monkeypatch.setattr(pipeline_module, "SCORE_AS_ARRAYS", 1 if as_arrays else 10**9)
+    if keyed:
+        scenario, frame = _scenario(key="k", horizon=2), _keyed_frame(120)
+    else:
+        scenario, frame = _scenario(targets=["y", "z"], horizon=3), _two_target_frame()
+    (by_records, records), (by_columns, blocks) = _records_and_columns(scenario, frame)
+    assert len(records) > 300 and len(blocks) > 2
+    assert [r for block in blocks for r in block.records()] == records
+    assert sum(len(block) for block in blocks) == len(records)
+    assert by_columns.metrics() == by_records.metrics()  # scored the same way either way
+    table = pd.concat([block.to_frame() for block in blocks], ignore_index=True)
+    assert list(table.columns) == list(Prediction._fields)
+    assert table["step"].dtype == np.int64 and table["prediction"].dtype == np.float64
+    errors = np.array([p.prediction - p.truth for p in records])
+    np.testing.assert_array_equal(table["prediction"] - table["truth"], errors)
+    if keyed:
+        assert set(table["key"]) == {"AAA", "BBB"}
+
+
+def test_process_columns_calls_the_prediction_hook_with_records():
+    scenario = _scenario(horizon=2)
+    pipeline = Pipeline(scenario)
+    heard: list[Prediction] = []
+    pipeline.on_prediction = heard.extend
+    returned = []
+    for batch in DataFrameSource.for_scenario(_frame(80), scenario, chunk_size=30):
+        returned += pipeline.process_columns(batch).records()
+    assert len(returned) > 100 and heard == returned
+
+
 def frame_rows(frame: pd.DataFrame):
     return zip(frame["k"], frame["t"], frame["y"], strict=True)
 

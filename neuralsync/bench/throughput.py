@@ -203,8 +203,9 @@ def long_horizon_throughput(
 ) -> dict[str, dict[str, float]]:
     """Rows per second of a pipeline that forecasts ``horizon`` steps of ``n_columns`` targets
     (a linear model, no detector, no adaptation: the pipeline's own work shows), with each row's
-    ``horizon * n_columns`` completed values scored as arrays and one at a time; with the
-    figures each way scored (the same up to rounding)."""
+    ``horizon * n_columns`` completed values returned as columns (``process_columns``), and as
+    records scored as arrays and one at a time; with the figures each way scored (the same up
+    to rounding; columns and arrays to the bit)."""
     import pandas as pd
 
     from neuralsync.config import Scenario
@@ -227,13 +228,19 @@ def long_horizon_throughput(
         adaptation=off,
     )
     figures = {}
-    for name, threshold in (("as_arrays", SCORE_AS_ARRAYS), ("one_at_a_time", math.inf)):
+    ways = (
+        ("as_columns", SCORE_AS_ARRAYS, "process_columns"),
+        ("as_arrays", SCORE_AS_ARRAYS, "process"),
+        ("one_at_a_time", math.inf, "process"),
+    )
+    for name, threshold, method in ways:
         pipeline = Pipeline(scenario)
         pipeline.score_as_arrays = threshold
+        process = getattr(pipeline, method)
         source = DataFrameSource(frame, timestamp="t", columns=columns, chunk_size=256)
         start = time.perf_counter()
         for batch in source:
-            pipeline.process(batch)
+            process(batch)
         seconds = time.perf_counter() - start
         summary = pipeline.metrics()
         figures[name] = {
@@ -312,11 +319,11 @@ def run_throughput(
     long_horizon = long_horizon_throughput(n_rows)
     for name, figures in long_horizon.items():
         log(f"  {name:<14} {figures['rows_per_second']:>10,.0f} rows/s")
-    arrays_ratio = (
-        long_horizon["as_arrays"]["rows_per_second"]
-        / long_horizon["one_at_a_time"]["rows_per_second"]
-    )
+    rates = {name: figures["rows_per_second"] for name, figures in long_horizon.items()}
+    arrays_ratio = rates["as_arrays"] / rates["one_at_a_time"]
+    columns_ratio = rates["as_columns"] / rates["as_arrays"]
     log(f"  {'as_arrays_over_one_at_a_time':<28} {arrays_ratio:>8.1f}x")
+    log(f"  {'as_columns_over_as_arrays':<28} {columns_ratio:>8.1f}x")
     limit = 1_500 if quick else None
     log(f"end to end: replay of the default scenario ({limit or 'all'} rows)")
     replay_rates = {"fast": _replay_rate(True, limit), "reference": _replay_rate(False, limit)}
@@ -329,7 +336,11 @@ def run_throughput(
         "ratios": ratios,
         "many_series": fleets,
         "many_series_ratios": fleet_ratios,
-        "long_horizon": {**long_horizon, "as_arrays_over_one_at_a_time": arrays_ratio},
+        "long_horizon": {
+            **long_horizon,
+            "as_arrays_over_one_at_a_time": arrays_ratio,
+            "as_columns_over_as_arrays": columns_ratio,
+        },
         "replay_default_rows_per_second": {
             **replay_rates,
             "fast_over_reference": replay_rates["fast"] / replay_rates["reference"],
