@@ -288,35 +288,6 @@ def test_the_neuralsync_rows_choose_their_settings_in_turn_at_the_chosen_rate(tm
     assert {t.key for t in fixed} == {("test", methods[0])}
 
 
-def test_a_stage_of_several_settings_tries_its_combinations_side_by_side(tmp_path):
-    """A stage names several settings and tries whole combinations of them, each against the
-    same reference: one stage on the path the test pass waits on, however many settings."""
-    path, _ = _csv(tmp_path, 1500)
-    data = load_dataset(path, rows=1500)
-    method = "neuralsync_no_adapt"
-    names = ("rls_selection", "rls_window_lags")
-    values = (("mixture", None), ("best", None), ("mixture", 1))
-    tasks = _plan(data, 2, 2, [method], [], (0.01,), seed=0, choices=((names, values),))
-    by_key = {t.key: t for t in tasks}
-    rate = ("valid", method, 0.01)
-    stage = [("valid_model", method, names, v) for v in values[1:]]
-    assert all(by_key[key].needs == (rate,) for key in stage)  # side by side
-    assert set(by_key[("test", method)].needs) == {rate, *stage}
-    done = _execute(tasks, 1, lambda key, _: None)
-    assert done[rate][0]["model"] == {"rls_selection": "mixture", "rls_window_lags": None}
-    assert done[stage[1]][0]["model"] == {"rls_selection": "mixture", "rls_window_lags": 1}
-    scores = dict(zip(values, [done[k][0]["mse"] for k in (rate, *stage)], strict=True))
-    assert scores[("mixture", 1)] != scores[("mixture", None)]  # its passes ran what they say
-    best = min(values, key=scores.get)
-    result = _pipeline_result(done, method)
-    assert result["selected"] == {"lr": 0.01, **dict(zip(names, best, strict=True))}
-    assert set(result["valid_mse"]) == {
-        "lr=0.01",
-        "rls_selection=best, rls_window_lags=None",
-        "rls_selection=mixture, rls_window_lags=1",
-    }
-
-
 def test_fsnet_protocol_with_a_leak_runs_only_the_baselines(tmp_path):
     path, _ = _csv(tmp_path, 1500)
     methods = ("last_value", "nlinear_channel", "neuralsync")

@@ -94,38 +94,24 @@ LINEAR_GRID = [(alpha, f) for alpha in (1.0, 100.0) for f in (1.0, 0.9999, 0.999
 LR_GRID = (0.01, 0.03)
 #: The NeuralSync rows' live-model settings chosen on validation after the learning rate, one
 #: after another, each at the rate and the settings chosen before it. A setting's first value is
-#: NEURALSYNC_MODEL's: the passes before it ran with it, and it wins ties. A stage of several
-#: settings (a tuple of names) tries its combinations side by side, each a tuple of values.
-MODEL_CHOICES: tuple[tuple[str | tuple[str, ...], tuple[Any, ...]], ...] = (
+#: NEURALSYNC_MODEL's: the passes before it ran with it, and it wins ties.
+MODEL_CHOICES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # The window expert over the whole window, or over its last row only: the state of a
+    # first-order system, with the lookback's times fewer weights (docs/benchmarks.md, "the
+    # window expert over the last row").
+    ("rls_window_lags", (None, 1)),
     # The window expert's clip width, in standard deviations. Every width bounds the levels
     # (no "off"): a stream that leaves the rows learned from (ETTh2's test period) cannot be
     # seen on validation rows inside them.
     ("rls_window_clip", (3.0, 2.0, 6.0)),
-    # Side by side, in one stage (a stage is one more pass on the path every choice waits
-    # on): the mixture, or the one candidate with the best recent record (docs/benchmarks.md,
-    # "the best candidate"), where an expert alone beats the mixture (WTH's window expert at
-    # long horizons) and where it does not (ETTh2); or the window expert over the last row
-    # only, the state of a first-order system, with the lookback's times fewer weights ("the
-    # window expert over the last row").
-    (
-        ("rls_selection", "rls_window_lags"),
-        (("mixture", None), ("best", None), ("mixture", 1)),
-    ),
+    # The mixture, or the one candidate with the best recent record (docs/benchmarks.md, "the
+    # best candidate"): where an expert alone beats the mixture (WTH's window expert at long
+    # horizons), and where it does not (ETTh2).
+    ("rls_selection", ("mixture", "best")),
 )
-
-
 #: The pipeline methods whose live model is NEURALSYNC_MODEL (MODEL_CHOICES apply).
 RLS_METHODS = ("neuralsync_no_adapt", "neuralsync")
 _TIME = "__row__"
-
-
-def _as_settings(name: str | tuple[str, ...], value: Any) -> dict[str, Any]:
-    """A choice's value as settings: a stage of several settings takes one tuple of values."""
-    return dict(zip(name, value, strict=True)) if isinstance(name, tuple) else {name: value}
-
-
-def _label(name: str | tuple[str, ...], value: Any) -> str:
-    return ", ".join(f"{k}={v}" for k, v in _as_settings(name, value).items())
 
 
 @dataclasses.dataclass
@@ -463,7 +449,7 @@ def _plan(
     lr_grid: Sequence[float],
     seed: int,
     trace: Path | None = None,
-    choices: Sequence[tuple[str | tuple[str, ...], Sequence[Any]]] = (),
+    choices: Sequence[tuple[str, Sequence[Any]]] = (),
 ) -> list[_Task]:
     """Every run the methods need, with what each waits for.
 
@@ -490,9 +476,7 @@ def _plan(
         needs = rate_needs
         if chooser == method:
             rank = 0 if method == "neuralsync_no_adapt" else 3
-            first = {
-                k: v for name, values in settings for k, v in _as_settings(name, values[0]).items()
-            }
+            first = {name: values[0] for name, values in settings}
             for lr in rates:
                 args = (data, horizon, method, lr, "valid", seed, None, first)
                 tasks.append(
@@ -504,9 +488,7 @@ def _plan(
                 for value in values[1:]:
                     before = settings[:stage]
                     args = (data, horizon, method, seed, lr_grid, rate_needs, first, before)
-                    setting_pass = functools.partial(
-                        _setting_pass, *args, _as_settings(name, value)
-                    )
+                    setting_pass = functools.partial(_setting_pass, *args, {name: value})
                     key = ("valid_model", method, name, value)
                     tasks.append(_Task(key, rank, needs, setting_pass))
             needs += stage_needs
@@ -529,7 +511,7 @@ def _setting_pass(
     lr_grid: Sequence[float],
     rate_needs: Sequence[tuple],
     first: dict[str, Any],
-    before: Sequence[tuple[str | tuple[str, ...], Sequence[Any]]],
+    before: Sequence[tuple[str, Sequence[Any]]],
     setting: dict[str, Any],
     done: dict[tuple, Any],
 ) -> tuple[Callable[..., Any], tuple]:
@@ -559,7 +541,7 @@ def _chosen_model(
     done: dict[tuple, Any],
     chooser: str,
     lr: float,
-    settings: Sequence[tuple[str | tuple[str, ...], Sequence[Any]]],
+    settings: Sequence[tuple[str, Sequence[Any]]],
 ) -> dict[str, Any]:
     """Each setting's value with the lowest validation MSE among ``chooser``'s passes, in
     turn, at the rate ``lr`` and the values chosen before it. A setting's first value is
@@ -569,12 +551,11 @@ def _chosen_model(
     reference = ("valid", chooser, lr)
     for name, values in settings:
         if len(values) == 1:
-            chosen.update(_as_settings(name, values[0]))
+            chosen[name] = values[0]
             continue
         keys = {values[0]: reference} | {v: ("valid_model", chooser, name, v) for v in values[1:]}
-        best = min(values, key=lambda v: done[keys[v]][0]["mse"])
-        chosen.update(_as_settings(name, best))
-        reference = keys[best]
+        chosen[name] = min(values, key=lambda v: done[keys[v]][0]["mse"])
+        reference = keys[chosen[name]]
     return chosen
 
 
@@ -638,7 +619,7 @@ def _pipeline_result(done: dict[tuple, Any], method: str) -> dict[str, Any]:
         # The test pass ran with the settings chosen on validation (its own, or its variant's).
         "selected": selected,
         "valid_mse": {
-            f"lr={k[2]}" if k[0] == "valid" else _label(k[2], k[3]): r["mse"]
+            f"lr={k[2]}" if k[0] == "valid" else f"{k[2]}={k[3]}": r["mse"]
             for k, (r, _) in valid.items()
         },
         "swaps": run["swaps"],
