@@ -82,27 +82,31 @@ class _ColumnsOut:
     def columns(self) -> PredictionColumns:
         if not self._blocks:
             return PredictionColumns.from_records([])
-        n_targets = len(self._targets)
+        # Per forecast, then repeated over its targets: a value's issue time, stream time, key
+        # and step are its forecast's.
         issued, observed, keys, steps, values, truths, lasts = [], [], [], [], [], [], []
         for issued_at, observed_at, key, step, value, truth, last in self._blocks:
-            n = len(step) * n_targets
-            issued.extend(np.repeat(np.array(issued_at, dtype=object), n_targets))
-            observed.extend([observed_at] * n)
-            keys.extend([key] * n)
-            steps.append(np.repeat(np.asarray(step, dtype=np.int64), n_targets))
-            values.append(value.ravel())
-            truths.append(np.tile(truth, len(step)))
-            lasts.append(last.ravel())
-        n_rows = sum(len(block[3]) for block in self._blocks)
+            issued += issued_at
+            observed += [observed_at] * len(step)
+            keys += [key] * len(step)
+            steps += step
+            values.append(value)
+            truths.append(np.broadcast_to(truth, value.shape))
+            lasts.append(last)
+        n_targets = len(self._targets)
+
+        def per_value(column: list[Any], dtype: Any = object) -> np.ndarray:
+            return np.repeat(np.array(column, dtype=dtype), n_targets)
+
         return PredictionColumns(
-            issued_at=np.array(issued, dtype=object),
-            timestamp=np.array(observed, dtype=object),
-            key=np.array(keys, dtype=object),
-            target=np.tile(self._targets, n_rows),
-            step=np.concatenate(steps),
-            prediction=np.concatenate(values).astype(np.float64, copy=False),
-            truth=np.concatenate(truths).astype(np.float64, copy=False),
-            last_value=np.concatenate(lasts).astype(np.float64, copy=False),
+            issued_at=per_value(issued),
+            timestamp=per_value(observed),
+            key=per_value(keys),
+            target=np.tile(self._targets, len(steps)),
+            step=per_value(steps, np.int64),
+            prediction=np.concatenate(values, dtype=np.float64).ravel(),
+            truth=np.concatenate(truths, dtype=np.float64).ravel(),
+            last_value=np.concatenate(lasts, dtype=np.float64).ravel(),
         )
 
 

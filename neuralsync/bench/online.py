@@ -364,7 +364,7 @@ def _run_pipeline(
         started = time.perf_counter()
         for batch in source:
             # As columns, not records: a row scores horizon * targets values (576 on WTH at
-            # H = 48), and a record for each was a quarter of a pass (docs/performance.md).
+            # H = 48), and a record for each was about a fifth of a pass (docs/performance.md).
             scored_values = pipeline.process_columns(batch)
             if not len(scored_values):
                 continue
